@@ -1,0 +1,100 @@
+"""Create hashing models by name (a strict registry, as in torchvision)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..backbones import PretrainedArg, backbone_normalization, build_backbone, list_backbones
+from ..config import HashConfig, PreprocessConfig
+from ._base import HashModel
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its class, its options dataclass, a one-line description and paper."""
+
+    name: str
+    cls: type[HashModel]
+    options: type
+    summary: str
+    paper: str
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, options: type, summary: str, paper: str) -> Callable[[type], type]:
+    """Class decorator adding a :class:`HashModel` subclass to the registry under ``name``."""
+
+    def wrap(cls: type) -> type:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = ModelEntry(name, cls, options, summary, paper)
+        return cls
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return list(_MODELS)
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(_MODELS)}")
+    return _MODELS[name]
+
+
+def default_preprocess(backbone: str, input_size: int = 224) -> PreprocessConfig:
+    """Resize short side to 256/224 of the crop, then center-crop, with the backbone's mean/std."""
+    mean, std = backbone_normalization(backbone)
+    return PreprocessConfig(input_size=input_size, resize_size=round(input_size * 256 / 224), mean=mean, std=std)
+
+
+def resolve_options(name: str, options: dict[str, Any]) -> Any:
+    """Validate ``options`` against the model's options dataclass; unknown keys raise ValueError."""
+    entry = model_entry(name)
+    known = {f.name for f in dataclasses.fields(entry.options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known)) or 'none'}")
+    return entry.options(**options)
+
+
+def build_model_from_config(config: HashConfig, preprocess: PreprocessConfig | None = None,
+                            pretrained: PretrainedArg = False) -> HashModel:
+    """Rebuild a model from a :class:`HashConfig` (as stored in checkpoints)."""
+    entry = model_entry(config.model)
+    if config.backbone not in list_backbones():
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(list_backbones())}")
+    if config.bits < 1:
+        raise ValueError(f"bits must be positive, got {config.bits}")
+    opts = resolve_options(config.model, config.options)
+    # Store every option value, defaults included, so a checkpoint says exactly what it is.
+    config = HashConfig(config.model, config.bits, config.backbone, dataclasses.asdict(opts))
+    preprocess = preprocess or default_preprocess(config.backbone)
+    backbone = build_backbone(config.backbone, pretrained)
+    model = entry.cls(config, preprocess, backbone, opts)
+    model.backbone_weights = backbone.weights_source  # recorded in checkpoint provenance
+    return model
+
+
+def build_model(name: str, bits: int, *, backbone: str = "resnet50", pretrained: PretrainedArg = False,
+                input_size: int = 224, **options: Any) -> HashModel:
+    """Create a hashing model by name.
+
+    Args:
+        name: one of :func:`list_models` (``adsh``, ``a2net``, ``semicon``, ``agmh``).
+        bits: code length.
+        backbone: one of ``resnet50`` (the papers'), ``resnet18``, ``efficientnet_lite0`` (edge).
+        pretrained: ``False`` (random), ``True`` (ImageNet weights) or a local weights file.
+        input_size: square crop size the model is built and exported for.
+        **options: model-specific options (see each model's options dataclass).
+
+    Returns:
+        The model in training mode; ``model.eval()(uint8 images)`` gives (B, bits) tanh codes.
+    """
+    config = HashConfig(name, int(bits), backbone, dict(options))
+    return build_model_from_config(config, default_preprocess(backbone, input_size), pretrained)
