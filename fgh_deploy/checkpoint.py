@@ -1,0 +1,188 @@
+"""One checkpoint file carries everything downstream needs: config, preprocessing, weights, provenance.
+
+Layout (a ``torch.save`` dict, read back with ``torch.load(weights_only=True)`` only, so loading a
+checkpoint can never execute code)::
+
+    format          "fgh-checkpoint"
+    format_version  1
+    config          HashConfig.to_dict()       model, bits, backbone, options
+    preprocess      PreprocessConfig.to_dict() input/resize size, mean/std, interpolation
+    state_dict      the model's weights (CPU tensors)
+    fingerprint     sha256 over config, preprocess and every weight tensor
+    provenance      fgh/torch versions, creation time, backbone weights, anything the caller adds
+    extra           tensors and plain values (learned database codes, class names, train state)
+
+The fingerprint identifies the model (an index records it to refuse codes from another model) and
+detects damaged weights on load. Writes are atomic: a temporary file in the same folder, fsync,
+then rename, so an interrupted save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import HashConfig, PreprocessConfig
+from .errors import FghError
+
+FORMAT = "fgh-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint (see the module docstring for the fields)."""
+
+    path: Path
+    config: HashConfig
+    preprocess: PreprocessConfig
+    state_dict: dict[str, torch.Tensor]
+    fingerprint: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, device: str | torch.device = "cpu") -> "HashModel":  # noqa: F821
+        """The model with these weights, in eval mode."""
+        from .models import build_model_from_config
+
+        model = build_model_from_config(self.config, self.preprocess)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise FghError(f"{self.path}: weights do not match its model config ({reason})") from exc
+        return model.to(device).eval()
+
+
+def fingerprint(config: HashConfig, preprocess: PreprocessConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the config, the preprocessing and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    header = {"config": config.to_dict(), "preprocess": preprocess.to_dict()}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: "HashModel", path: str | os.PathLike, *,  # noqa: F821
+                    extra: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (and optional ``extra`` tensors/values) to ``path`` atomically.
+
+    Args:
+        model: a :class:`~fgh_deploy.models.HashModel`.
+        path: destination file (conventionally ``.pt``).
+        extra: tensors and plain Python values only (no numpy arrays or custom classes: the file
+            is loaded with ``weights_only=True``).
+        provenance: extra provenance fields (training run, dataset, ...).
+
+    Returns:
+        The path written.
+    """
+    from . import __version__
+
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    backbone_source = getattr(model, "backbone_weights", None)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "preprocess": model.preprocess.to_dict(),
+        "state_dict": state,
+        "fingerprint": fingerprint(model.config, model.preprocess, state),
+        "provenance": {
+            "fgh_version": __version__,
+            "torch_version": str(torch.__version__),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **({"backbone_weights": backbone_source} if backbone_source else {}),
+            **(provenance or {}),
+        },
+        "extra": dict(extra or {}),
+    }
+    atomic_write(path, lambda f: torch.save(payload, f))
+    return path
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:
+    """Read and validate a checkpoint.
+
+    Args:
+        path: the file.
+        verify: recompute the fingerprint and refuse damaged weights.
+
+    Raises:
+        FghError: missing, truncated, foreign (not written by fgh), newer-format or damaged file;
+            the message names the file and the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FghError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise FghError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise FghError(f"{path}: refused: it contains pickled Python objects, and loading it could run code "
+                           f"(fgh checkpoints hold only tensors and plain values)") from exc
+        raise FghError(f"{path}: not a readable checkpoint (truncated or corrupt: {text[:160]})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        hint = ""
+        if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            hint = "; it looks like a bare state dict (use --weights for backbone weights)"
+        raise FghError(f"{path}: not an fgh checkpoint (no '{FORMAT}' header{hint})")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FghError(f"{path}: checkpoint format {version!r} is newer than this fgh understands "
+                       f"({FORMAT_VERSION}); upgrade fgh")
+    try:
+        ckpt = Checkpoint(
+            path=path,
+            config=HashConfig.from_dict(payload["config"]),
+            preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
+            state_dict=payload["state_dict"],
+            fingerprint=str(payload["fingerprint"]),
+            provenance=dict(payload.get("provenance", {})),
+            extra=dict(payload.get("extra", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FghError(f"{path}: damaged fgh checkpoint (bad or missing field {exc})") from exc
+    if verify and fingerprint(ckpt.config, ckpt.preprocess, ckpt.state_dict) != ckpt.fingerprint:
+        raise FghError(f"{path}: damaged checkpoint: weights do not match the recorded fingerprint")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> "HashModel":  # noqa: F821
+    """Load a checkpoint and return its model in eval mode on ``device``."""
+    return load_checkpoint(path).build_model(device)
