@@ -1,0 +1,75 @@
+"""PyTorch → ONNX for the inference path: uint8 images in, (B, bits) tanh codes out.
+
+Opset 20: the newest opset both JetPack 6's TensorRT 10.3 and TensorRT 11 parse, and ONNX
+Runtime runs; the dynamo exporter (the default since torch 2.9) supports 18 and up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 20
+INPUT_NAME = "images"
+OUTPUT_NAME = "codes"
+METADATA_KEY = "fgh"
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = ONNX_OPSET,
+                metadata: dict[str, Any] | None = None, check: bool = True) -> Path:
+    """Trace ``model.forward`` (eval mode) to one self-contained ONNX file with a dynamic batch axis.
+
+    Args:
+        model: a :class:`~fgh_deploy.models.HashModel`; its ``preprocess.input_size`` fixes H and W.
+        path: output ``.onnx`` file.
+        opset: ONNX opset (default 20, see the module docstring).
+        metadata: JSON-serialisable dict stored under the ``fgh`` key of the model's metadata_props.
+        check: run ``onnx.checker`` with ``full_check=True`` on the result.
+
+    Returns:
+        The path written.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    size = model.preprocess.input_size
+    device = next(model.parameters()).device
+    # A batch of 2, not 1: the exporter specialises a size-1 example dimension.
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8, device=device)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, external_data=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"images": {0: batch}}, verbose=False,
+        )
+    proto = program.model_proto
+    if metadata is not None:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save_model(proto, tmp)
+    os.replace(tmp, path)
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``fgh`` metadata dict stored by :func:`export_onnx` ({} if absent)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == METADATA_KEY:
+            return json.loads(entry.value)
+    return {}
