@@ -1,0 +1,1 @@
+"""Training: the ADSH asymmetric loop, per-model losses, database-code updates, evaluation metrics."""
