@@ -1,0 +1,185 @@
+"""Training: losses, DCC, reproducibility, kill-and-resume, distributed (gloo), fgh eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fgh_deploy as fgh
+from train.config import make_config
+from train.dcc import sign_plus, update_database_codes
+from train.evaluate import evaluate_checkpoint
+from train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
+from train.trainer import BEST, LAST, METRICS, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 classes × 8 images (colour + stripe orientation), split half database / half query."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    lines = []
+    for c in range(4):
+        (root / f"class{c}").mkdir()
+        for i in range(8):
+            img = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
+            img[..., c % 3] += 150
+            if c >= 2:
+                img[::4] = 255
+            rel = f"class{c}/{i}.png"
+            Image.fromarray(img).save(root / rel)
+            lines.append(f"{rel}\tclass{c}\t{'database' if i % 2 == 0 else 'query'}\n")
+    (root / "splits.tsv").write_text("".join(lines))
+    return root
+
+
+def _config(data: Path, out: Path, **overrides):
+    values = dict(backbone="resnet18", pretrained=False, input_size=32, iterations=3, epochs=1, num_samples=12,
+                  batch_size=4, workers=0, val_fraction=0.25, eval_every=1, seed=7)
+    values.update(overrides)
+    return make_config("fast", data=str(data), model=values.pop("model", "semicon"), bits=12, out=str(out), **values)
+
+
+def test_soft_similarity_balances_positives_and_negatives() -> None:
+    labels = torch.eye(3)[torch.tensor([0, 0, 1, 2])]
+    s = soft_similarity(labels[:2], labels)
+    positives = s == 1
+    assert positives.sum() == 4
+    assert torch.allclose(s[~positives], torch.tensor(-4 / 4))
+
+
+def test_dcc_matches_the_public_formulation() -> None:
+    torch.manual_seed(0)
+    n, ns, k, gamma = 200, 40, 12, 200.0
+    codes, outputs = torch.randn(n, k), torch.randn(ns, k).tanh()
+    similarity = torch.where(torch.rand(ns, n) > 0.8, 1.0, -0.25)
+    omega = torch.randperm(n)[:ns]
+    # The public code: Q = k SᵀU + γŪ, then B[:, j] = sign(Q[:, j] − B_{−j} U_{−j}ᵀ U[:, j]).
+    ref, u = codes.double().clone(), outputs.double()
+    padded = torch.zeros(n, k, dtype=torch.double)
+    padded[omega] = u
+    q = k * similarity.double().T @ u + gamma * padded
+    for j in range(k):
+        rest = [i for i in range(k) if i != j]
+        ref[:, j] = sign_plus(q[:, j] - ref[:, rest] @ u[:, rest].T @ u[:, j])
+    got = update_database_codes(codes, outputs, similarity, omega, gamma)
+    assert torch.equal(got, ref.float())
+    assert set(got.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_sign_of_zero_is_plus_one() -> None:
+    assert sign_plus(torch.tensor([-0.5, 0.0, 0.5])).tolist() == [-1.0, 1.0, 1.0]
+
+
+def test_losses_are_zero_at_their_optimum() -> None:
+    codes = torch.tensor([[1.0, -1.0], [1.0, -1.0]])
+    similarity = torch.ones(2, 2)
+    hash_term, quant_term = adsh_loss(codes, similarity, codes, codes, gamma=200.0)
+    assert hash_term.item() == pytest.approx(0.0) and quant_term.item() == pytest.approx(0.0)
+    orthogonal = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    assert decorrelation_loss(orthogonal, batch_size=2).item() == pytest.approx(0.0)
+    # Two branches attending to disjoint positions do not overlap.
+    att = torch.zeros(1, 2, 1, 1, 2)
+    att[0, 0, 0, 0, 0] = att[0, 1, 0, 0, 1] = 50.0
+    assert attention_dispersion_loss(att).item() < 1e-6
+
+
+def _same_state(a: Path, b: Path) -> None:
+    ca, cb = fgh.load_checkpoint(a), fgh.load_checkpoint(b)
+    assert ca.fingerprint == cb.fingerprint
+    assert torch.equal(ca.extra["database_codes"], cb.extra["database_codes"])
+
+
+def test_seed_gives_identical_runs_and_resume_loses_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    full = train(_config(tiny_data, tmp_path / "full"), progress=False)
+    assert full.iterations == 3
+    again = train(_config(tiny_data, tmp_path / "again"), progress=False)
+    _same_state(tmp_path / "full" / LAST, tmp_path / "again" / LAST)
+    assert again.best_map == full.best_map
+
+    train(_config(tiny_data, tmp_path / "split", iterations=3), progress=False)
+    lines = (tmp_path / "split" / METRICS).read_text().splitlines()
+    # Simulate a run killed after iteration 2: keep its state, drop the last iteration's outputs.
+    partial = _config(tiny_data, tmp_path / "cut", iterations=2)
+    train(partial, progress=False)
+    resumed_cfg = _config(tiny_data, tmp_path / "cut", iterations=3)
+    train(resumed_cfg, resume=True, progress=False)
+    _same_state(tmp_path / "full" / LAST, tmp_path / "cut" / LAST)
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "cut" / METRICS).read_text().splitlines()] == [0, 1, 2]
+    assert len(lines) == 3
+
+
+def test_a_new_run_refuses_to_overwrite_and_resume_needs_a_run(tiny_data: Path, tmp_path: Path) -> None:
+    train(_config(tiny_data, tmp_path / "r", iterations=1), progress=False)
+    with pytest.raises(fgh.FghError, match="already holds a run"):
+        train(_config(tiny_data, tmp_path / "r", iterations=1), progress=False)
+    with pytest.raises(fgh.FghError, match="nothing to resume"):
+        train(_config(tiny_data, tmp_path / "empty", iterations=1), resume=True, progress=False)
+
+
+def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fgh_deploy.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+TRAIN_ARGS = ["--model", "adsh", "--bits", "12", "--backbone", "resnet18", "--no-pretrained", "--input-size", "32",
+              "--preset", "fast", "--iterations", "4", "--epochs", "1", "--num-samples", "12", "--batch-size", "4",
+              "--workers", "0", "--val-fraction", "0.25", "--seed", "3"]
+
+
+def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
+    clean = _cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "clean"), *TRAIN_ARGS)
+    assert clean.wait(timeout=300) == 0, clean.stderr.read()
+    killed = _cli("train", "--data", str(tiny_data), "--out", str(tmp_path / "killed"), *TRAIN_ARGS)
+    metrics = tmp_path / "killed" / METRICS
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = _cli("train", "--resume", "--out", str(tmp_path / "killed"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    _same_state(tmp_path / "clean" / LAST, tmp_path / "killed" / LAST)
+    iterations = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+    assert iterations == [0, 1, 2, 3]
+
+
+def test_distributed_training_with_two_gloo_processes(tiny_data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fgh_deploy.cli",
+         "train", "--data", str(tiny_data), "--out", str(tmp_path / "ddp"), *TRAIN_ARGS[:-2], "--iterations", "2",
+         "--device", "cpu", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["iterations"] == 2
+    ckpt = fgh.load_checkpoint(tmp_path / "ddp" / LAST)
+    assert ckpt.extra["database_codes"].shape == (12, 12)
+
+
+def test_eval_reports_both_protocols(tiny_data: Path, tmp_path: Path) -> None:
+    train(_config(tiny_data, tmp_path / "e", iterations=2), progress=False)
+    report = evaluate_checkpoint(tmp_path / "e" / BEST, topks=(5,), workers=0)
+    assert set(report["protocols"]) == {"asymmetric", "deploy"}
+    asym = report["protocols"]["asymmetric"]
+    assert asym["learned_rows"] + asym["network_rows"] == 16
+    for metrics in report["protocols"].values():
+        assert metrics["map@all/worst"] <= metrics["map@all/expected"] <= metrics["map@all/best"]
+        assert 0.0 < metrics["chance_map@all"] < 1.0
+    json.dumps(report)

@@ -1,0 +1,74 @@
+"""Losses of the ADSH scheme and each paper's additions (models.md §1, §3, §4)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def soft_similarity(sample_labels: torch.Tensor, database_labels: torch.Tensor) -> torch.Tensor:
+    """ADSH's soft-constraint similarity S (ns × n) from multi-hot labels.
+
+    Pairs sharing a label are +1; the others get −P/N, with P and N the counts of positive and
+    negative pairs over the whole matrix, so both halves weigh the same in the loss.
+    """
+    positive = (sample_labels @ database_labels.T) > 0
+    n_pos = positive.sum()
+    n_neg = positive.numel() - n_pos
+    ratio = n_pos.float() / n_neg.clamp(min=1).float()
+    return torch.where(positive, 1.0, -ratio).to(torch.float32)
+
+
+def adsh_loss(codes: torch.Tensor, similarity: torch.Tensor, database_codes: torch.Tensor,
+              sampled_codes: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_hash, L_quant) for one batch.
+
+    Args:
+        codes: u, the batch's tanh outputs (bs × k).
+        similarity: the batch's rows of S (bs × n).
+        database_codes: B, the learned database codes (n × k).
+        sampled_codes: B rows of the batch's own images (bs × k).
+        gamma: weight of the quantization term.
+
+    Both terms are divided by bs·n and scaled by 12/k, as in the fine-grained repos (the 12/k
+    keeps the loss scale comparable across code lengths).
+    """
+    bs, k = codes.shape
+    n = database_codes.shape[0]
+    scale = 12.0 / (k * bs * n)
+    hash_term = ((k * similarity - codes @ database_codes.T) ** 2).sum() * scale
+    quant_term = gamma * ((codes - sampled_codes) ** 2).sum() * scale
+    return hash_term, quant_term
+
+
+def decorrelation_loss(codes: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A²-Net: mean((UᵀU − bs·I)²) / (bs·k), pushing the bits of a batch to be uncorrelated."""
+    k = codes.shape[1]
+    gram = codes.T @ codes
+    eye = torch.eye(k, device=codes.device, dtype=codes.dtype)
+    return ((gram - batch_size * eye) ** 2).mean() / (batch_size * k)
+
+
+def reconstruction_loss(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """A²-Net: mean((v̂ − v)²), the tied decoder reconstructing the features from the codes."""
+    return ((reconstruction - features) ** 2).mean()
+
+
+def attention_dispersion_loss(attention: torch.Tensor) -> torch.Tensor:
+    """AGMH's ADL: branches should attend to different positions.
+
+    Args:
+        attention: SIEA outputs (B, branches, C, H, W).
+
+    Returns:
+        Σ over branch pairs i<j of the batch-mean ⟨s_i, s_j⟩, divided by the number of pairs,
+        where s_j is the softmax over positions of the channel-wise max of branch j.
+    """
+    b, branches = attention.shape[:2]
+    spread = attention.flatten(3).amax(dim=2).float().softmax(dim=-1)  # (B, branches, HW)
+    pairs = list(itertools.combinations(range(branches), 2))
+    if not pairs:
+        return attention.new_zeros(())
+    total = sum((spread[:, i] * spread[:, j]).sum() for i, j in pairs)
+    return total / (len(pairs) * b)

@@ -1,0 +1,390 @@
+"""The ADSH asymmetric training loop shared by all four models (models.md §1).
+
+Per outer iteration: sample ``num_samples`` database images, train ``epochs`` epochs against the
+fixed database codes B, then update B by discrete cyclic coordinate descent. What differs from
+the public code, on purpose:
+
+* "best" is chosen on a validation split held out from the database (``select_on="val"``), not
+  on the query split; ``select_on="query"`` reproduces the papers' selection, labelled as such.
+* every outer iteration reseeds from (seed, iteration), so ``--resume`` after a kill continues
+  exactly as an uninterrupted run would (on CPU, bit for bit);
+* data loading runs in worker processes with pinned memory; AMP and channels-last on CUDA;
+  ``torchrun`` gives distributed data-parallel training (NCCL on GPUs, gloo on CPU).
+
+Outputs in ``out/``: ``last.pt`` (model + full training state, written after every iteration),
+``best.pt``, ``metrics.jsonl`` (one line per iteration) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from fgh_deploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from fgh_deploy.errors import FghError
+from fgh_deploy.models import HashModel, build_model
+
+from .config import TrainConfig
+from .data import HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset, one_hot
+from .dcc import update_database_codes
+from .evaluate import encode_samples
+from .losses import (adsh_loss, attention_dispersion_loss, decorrelation_loss, reconstruction_loss,
+                     soft_similarity)
+from .metrics import mean_average_precision
+
+log = logging.getLogger(__name__)
+
+LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.json"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    iterations: int
+    best_iteration: int
+    best_map: float
+    last_map: float | None
+    selected_on: str
+    seconds: float
+    #: False on the other ranks of a distributed run (only rank 0 reports).
+    is_main: bool = True
+
+
+class _TrainForward(nn.Module):
+    """Makes ``forward_train`` the module's forward, so DistributedDataParallel hooks see it."""
+
+    def __init__(self, model: HashModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_train(images)
+
+
+class _SeededShuffle(Sampler[int]):
+    """A permutation of range(n) drawn from a fixed seed (one per iteration and epoch)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _iteration_seed(seed: int, iteration: int, epoch: int = 0) -> int:
+    return (seed * 1_000_003 + iteration * 1_009 + epoch) % (2**63)
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FghError(f"device {device!r} requested but CUDA is not available here")
+    return rank, world, resolved
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or config.amp == "off":
+        return None
+    if config.amp == "fp16":
+        return torch.float16
+    if config.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _loader(samples: list[Sample], data: HashingDataset, model: HashModel, config: TrainConfig, *, train: bool,
+            batch_size: int, sampler: Sampler | None, device: torch.device) -> DataLoader:
+    dataset = LabeledImageDataset(samples, data.root, model.preprocess, train=train, crop_scale=config.crop_scale)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      num_workers=config.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False, drop_last=False,
+                      multiprocessing_context="fork" if config.workers and sys.platform == "linux" else None)
+
+
+class Trainer:
+    """One training run; :meth:`run` does everything (also callable from Python)."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.out = Path(config.out)
+        self.resume = resume
+        self.rank, self.world, self.device = _setup_distributed(config.device)
+        self.is_main = self.rank == 0
+        self.show_progress = self.is_main and (sys.stderr.isatty() if progress is None else progress)
+
+    # ---------------------------------------------------------------- setup
+
+    def _prepare(self) -> None:
+        cfg = self.config
+        self.data = load_dataset(cfg.data)
+        self.train_db, self.val = hold_out_validation(self.data.database, cfg.val_fraction, seed=cfg.seed) \
+            if cfg.val_fraction > 0 else (list(self.data.database), [])
+        num_classes = len(self.data.classes)
+        self.labels = one_hot(torch.tensor([s.label for s in self.train_db]), num_classes)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, cfg.bits, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                                 input_size=cfg.input_size, **cfg.model_options).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=cfg.lr_steps,
+                                                              gamma=cfg.lr_decay)
+        # The public code starts B from a real-valued Gaussian (models.md §1.1).
+        self.codes = torch.randn(len(self.train_db), cfg.bits, generator=torch.Generator().manual_seed(cfg.seed))
+        self.start_iteration = 0
+        self.best_map, self.best_iteration = -1.0, -1
+        self.last_map: float | None = None
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        step = _TrainForward(self.model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+        self.step_module = step
+        if self.resume:
+            self._load_state()
+        elif self.is_main:
+            if (self.out / LAST).exists():
+                raise FghError(f"{self.out}: already holds a run ({LAST}); pass --resume to continue it "
+                               f"or choose another --out")
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.out / CONFIG, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+            (self.out / METRICS).unlink(missing_ok=True)
+
+    def _load_state(self) -> None:
+        path = self.out / LAST
+        if not path.exists():
+            raise FghError(f"{path}: nothing to resume (no {LAST}); start without --resume")
+        ckpt = load_checkpoint(path)
+        state = ckpt.extra.get("train_state")
+        if not isinstance(state, dict):
+            raise FghError(f"{path}: has no training state to resume from")
+        saved = TrainConfig.from_dict(ckpt.extra["train_config"])
+        for key in ("data", "model", "bits", "backbone", "input_size", "num_samples", "seed"):
+            if getattr(saved, key) != getattr(self.config, key):
+                raise FghError(f"{path}: was trained with {key}={getattr(saved, key)!r}, not "
+                               f"{getattr(self.config, key)!r}; resume with the same settings")
+        self.model.load_state_dict(ckpt.state_dict)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.codes = state["codes"].float()
+        self.start_iteration = int(state["iteration"]) + 1
+        self.best_map, self.best_iteration = float(state["best_map"]), int(state["best_iteration"])
+        self.last_map = state.get("last_map")
+        if self.is_main:
+            _truncate_metrics(self.out / METRICS, self.start_iteration)
+            log.info("resuming %s after iteration %d", self.out, self.start_iteration - 1)
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        self._prepare()
+        cfg = self.config
+        for iteration in range(self.start_iteration, cfg.iterations):
+            record = self._iteration(iteration)
+            evaluate = (iteration + 1) % cfg.eval_every == 0 or iteration + 1 == cfg.iterations
+            if evaluate:
+                record.update(self._evaluate())
+                self.last_map = record["map"]
+            improved = evaluate and record["map"] > self.best_map
+            if improved:
+                self.best_map, self.best_iteration = record["map"], iteration
+            record.update(best_map=self.best_map, best_iteration=self.best_iteration)
+            if self.is_main:
+                # Metrics line first, then last.pt: a crash in between re-runs this iteration on
+                # resume, which rewrites the line.
+                with open(self.out / METRICS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                self._save(self.out / LAST, iteration, with_state=True)
+                if improved or (self.best_iteration < 0 and iteration + 1 == cfg.iterations):
+                    self._save(self.out / BEST, iteration, with_state=False)
+            self._log(record)
+        if self.is_main and not (self.out / BEST).exists():
+            self._save(self.out / BEST, cfg.iterations - 1, with_state=False)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return TrainResult(self.out, cfg.iterations, self.best_iteration, self.best_map, self.last_map,
+                           cfg.select_on, time.perf_counter() - started, self.is_main)
+
+    def _iteration(self, iteration: int) -> dict[str, Any]:
+        cfg = self.config
+        torch.manual_seed(_iteration_seed(cfg.seed, iteration))
+        tick = time.perf_counter()
+        n = len(self.train_db)
+        omega = torch.randperm(n, generator=torch.Generator().manual_seed(_iteration_seed(cfg.seed, iteration)))
+        omega = omega[: min(cfg.num_samples, n)]
+        similarity = soft_similarity(self.labels[omega], self.labels)
+        sampled = [self.train_db[i] for i in omega.tolist()]
+        outputs = torch.zeros(len(omega), cfg.bits)
+        written = torch.zeros(len(omega))
+        codes_dev = self.codes.to(self.device)
+        sim_dev = similarity.to(self.device)
+        omega_dev = omega.to(self.device)
+        use_aux = cfg.model == "a2net" and iteration >= int(cfg.iterations * cfg.aux_start)
+        sums: dict[str, float] = {}
+        seen = 0
+        self.model.train()
+        for epoch in range(cfg.epochs):
+            seed = _iteration_seed(cfg.seed, iteration, epoch + 1)
+            if self.world > 1:
+                sampler: Sampler = DistributedSampler(range(len(sampled)), num_replicas=self.world, rank=self.rank,
+                                                      shuffle=True, seed=seed)
+            else:
+                sampler = _SeededShuffle(len(sampled), seed)
+            loader = _loader(sampled, self.data, self.model, cfg, train=True, batch_size=cfg.batch_size,
+                             sampler=sampler, device=self.device)
+            for images, _, local in self._progress(loader, iteration, epoch):
+                images = images.to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                local_dev = local.to(self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.step_module(images)
+                u = out["codes"].float()
+                hash_term, quant_term = adsh_loss(u, sim_dev[local_dev], codes_dev, codes_dev[omega_dev[local_dev]],
+                                                  cfg.gamma)
+                terms = {"hash": hash_term, "quant": quant_term}
+                if use_aux:
+                    terms["rec"] = reconstruction_loss(out["features"].float(), out["reconstruction"].float())
+                    terms["dec"] = decorrelation_loss(u, cfg.batch_size)
+                if "attention" in out:
+                    terms["adl"] = cfg.adl_weight * attention_dispersion_loss(out["attention"])
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise FghError(f"training diverged at iteration {iteration} (loss {loss.item()}); "
+                                   f"lower --lr or use --amp off")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                outputs[local] = u.detach().cpu()
+                written[local] = 1.0
+                bs = len(local)
+                seen += bs
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) * bs
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * bs
+        self.scheduler.step()
+        if self.world > 1:
+            # Each rank saw its own shard: combine U (DistributedSampler may repeat a few rows).
+            stacked = torch.stack([outputs * written[:, None], written[:, None].expand_as(outputs)]).to(self.device)
+            dist.all_reduce(stacked)
+            outputs = (stacked[0] / stacked[1].clamp(min=1)).cpu()
+        self.codes = update_database_codes(self.codes, outputs, similarity, omega, cfg.gamma)
+        seconds = time.perf_counter() - tick
+        record = {"iteration": iteration, "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
+                  "images_per_second": round(seen * self.world / seconds, 2)}
+        record.update({k: v / max(seen, 1) for k, v in sums.items()})
+        return record
+
+    def _progress(self, loader: DataLoader, iteration: int, epoch: int):
+        if not self.show_progress:
+            return loader
+        from rich.progress import track
+
+        return track(loader, description=f"iter {iteration + 1}/{self.config.iterations} epoch {epoch + 1}",
+                     transient=True, console=_stderr_console())
+
+    def _evaluate(self) -> dict[str, Any]:
+        """mAP@all (asymmetric: network queries vs learned codes) on the selection split."""
+        cfg = self.config
+        if cfg.select_on == "query":
+            queries, split = self.data.query, "query (papers' selection on the test set)"
+        elif self.val:
+            queries, split = self.val, "val"
+        else:
+            return {}
+        query_codes = encode_samples(self.model, queries, self.data.root, self.device, workers=cfg.workers)
+        query_labels = torch.tensor([s.label for s in queries])
+        db_labels = torch.tensor([s.label for s in self.train_db])
+        score = mean_average_precision(query_codes.numpy(), query_labels.numpy(), self.codes.numpy(),
+                                       db_labels.numpy(), ties="index")
+        return {"map": float(score), "map_split": split}
+
+    def _save(self, path: Path, iteration: int, *, with_state: bool) -> None:
+        model = self.model
+        extra: dict[str, Any] = {
+            "train_config": self.config.to_dict(),
+            "iteration": iteration,
+            "classes": list(self.data.classes),
+            "database_paths": [s.relpath for s in self.train_db],
+            "database_labels": torch.tensor([s.label for s in self.train_db]),
+            # Learned ±1 database codes of the training rows (the asymmetric protocol's database).
+            "database_codes": self.codes.to(torch.int8),
+            "selection": {"split": self.config.select_on, "best_map": self.best_map,
+                          "best_iteration": self.best_iteration},
+        }
+        if with_state:
+            extra["train_state"] = {
+                "iteration": iteration,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "codes": self.codes,
+                "best_map": self.best_map,
+                "best_iteration": self.best_iteration,
+                "last_map": self.last_map,
+            }
+        save_checkpoint(model, path, extra=extra,
+                        provenance={"dataset": str(self.data.root), "dataset_layout": self.data.layout})
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        parts = [f"iter {record['iteration'] + 1}/{self.config.iterations}", f"loss {record.get('loss', math.nan):.4f}"]
+        parts += [f"{k} {record[k]:.4f}" for k in ("hash", "quant", "rec", "dec", "adl") if k in record]
+        parts.append(f"{record['images_per_second']:.1f} img/s")
+        if "map" in record:
+            parts.append(f"mAP({record['map_split'].split()[0]}) {record['map']:.4f}")
+        log.info("  ".join(parts))
+
+
+def _truncate_metrics(path: Path, next_iteration: int) -> None:
+    """Drop metric lines of iterations that a resume will run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["iteration"] < next_iteration]
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
+    """Run (or resume) a training run; see :class:`Trainer`."""
+    return Trainer(config, resume=resume, progress=progress).run()
