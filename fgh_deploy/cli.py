@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -26,7 +27,7 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_show_locals=False,
 )
-out = Console(highlight=False)
+stdout = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
@@ -45,10 +46,10 @@ def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
-        out.print(f"fgh {__version__}")
+        stdout.print(f"fgh {__version__}")
         raise typer.Exit()
     if ctx.invoked_subcommand is None:
-        out.print(ctx.get_help())
+        stdout.print(ctx.get_help())
         raise typer.Exit()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
@@ -78,11 +79,233 @@ def models(
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(r.model, r.backbone, f"{r.params / 1e6:.1f}", f"{r.inference_params / 1e6:.1f}", f"{r.gmacs:.2f}")
-    out.print(table)
+    stdout.print(table)
     seen: dict[str, str] = {r.model: f"{r.summary}. {r.paper}" for r in rows}
     for name, text in seen.items():
-        out.print(f"  {name:8s} {text}", soft_wrap=True)
+        stdout.print(f"  {name:8s} {text}", soft_wrap=True)
     err.print("Build one in Python: fgh_deploy.build_model(name, bits, backbone=..., pretrained=True)", soft_wrap=True)
+
+
+EngineOption = Annotated[Path, typer.Option(
+    "--engine", "--model", "-m", help="Engine or checkpoint: .pt (PyTorch).", dir_okay=False)]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (PyTorch engines).")]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@app.command()
+def encode(
+    folder: Annotated[Path, typer.Argument(help="Image folder (searched recursively).")],
+    engine: EngineOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory (created or resumed).")],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoding processes.")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Start the index from scratch.")] = False,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Encode an image folder into packed bit codes (resumable; unreadable images are skipped and listed)."""
+    from engines import load_engine
+
+    from .encode import SKIPPED_LOG, encode_folder
+
+    with load_engine(engine, device=device) as eng:
+        summary = encode_folder(folder, eng, out, batch_size=batch_size, workers=workers, rebuild=rebuild,
+                                progress=None if not as_json else False)
+    if as_json:
+        _print_json(summary.to_dict())
+        return
+    for s in summary.skipped[:20]:
+        err.print(f"skipped {s['path']}: {s['reason']}", markup=False, soft_wrap=True)
+    if len(summary.skipped) > 20:
+        err.print(f"... and {len(summary.skipped) - 20} more", soft_wrap=True)
+    table = Table(title=f"fgh encode → {out}", show_header=False)
+    table.add_column(justify="right")
+    table.add_column()
+    rows = [
+        ("images", f"{summary.images} ({summary.encoded} encoded, {summary.reused} already indexed, "
+                   f"{summary.removed} removed)"),
+        ("skipped", f"{len(summary.skipped)}" + (f" (listed in {out / SKIPPED_LOG})" if summary.skipped else "")),
+        ("bits", str(summary.bits)),
+        ("index size", _human_bytes(summary.index_bytes)),
+        ("elapsed", f"{summary.seconds:.1f} s"),
+        ("throughput", f"{summary.images_per_second:.1f} images/s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    stdout.print(table)
+    err.print(f"Next: fgh query IMAGE.jpg --index {out}", soft_wrap=True)
+
+
+@app.command()
+def query(
+    images: Annotated[list[Path], typer.Argument(help="Query image(s).")],
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory from fgh encode.")],
+    engine: Annotated[Path | None, typer.Option(
+        "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 10,
+    radius: Annotated[int | None, typer.Option("--radius", "-r", min=0, help="All hits within this distance (capped at --top-k).")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Find the nearest images by exact Hamming distance (ties: database order)."""
+    from engines import load_engine
+
+    from .index import CodeIndex
+    from .query import TIE_RULE, default_engine_path, search_images
+
+    with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device) as eng:
+        results = search_images(idx, eng, images, top_k=top_k, radius=radius)
+        bits, total = idx.bits, len(idx)
+    if as_json:
+        _print_json({"schema_version": 1, "index": str(index), "bits": bits, "ntotal": total, "top_k": top_k,
+                     "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]})
+        return
+    for result in results:
+        table = Table(title=f"{result.query}  ({len(result.hits)} hits of {total}, {bits} bits)")
+        table.add_column("rank", justify="right")
+        table.add_column("distance", justify="right")
+        table.add_column("path", overflow="fold")
+        for hit in result.hits:
+            table.add_row(str(hit.rank), str(hit.distance), hit.path)
+        stdout.print(table)
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``--option key=value`` pairs → dict, values parsed as JSON where possible (4, 0.3, true)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FghError(f"--option expects key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@app.command()
+def train(
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (splits.tsv, CUB-200-2011, or train/ + test/).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="adsh, a2net, semicon or agmh.")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", "-b", min=1)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/fgh"),
+    backbone: Annotated[str, typer.Option("--backbone")] = "resnet50",
+    preset: Annotated[str, typer.Option("--preset", help="paper (the papers' schedules) or fast.")] = "paper",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last completed iteration.")] = False,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Local backbone weights instead of the ImageNet download.")] = None,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights.")] = False,
+    input_size: Annotated[int, typer.Option("--input-size", min=32)] = 224,
+    option: Annotated[list[str] | None, typer.Option("--option", help="Model option key=value (e.g. num_parts=4).")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations", min=1)] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    momentum: Annotated[float | None, typer.Option("--momentum")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
+    lr_steps: Annotated[str | None, typer.Option("--lr-steps", help="Comma-separated iterations, e.g. 30,35.")] = None,
+    gamma: Annotated[float | None, typer.Option("--gamma", help="Quantization weight.")] = None,
+    nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov")] = None,
+    freeze_trunk: Annotated[bool | None, typer.Option("--freeze-trunk/--train-trunk", help="Keep the shared trunk at its pretrained weights.")] = None,
+    crop_scale: Annotated[str | None, typer.Option("--crop-scale", help="RandomResizedCrop scale range, e.g. 0.08,1.")] = None,
+    val_fraction: Annotated[float | None, typer.Option("--val-fraction")] = None,
+    select_on: Annotated[str | None, typer.Option("--select-on", help="val, or query (the papers' test-set selection).")] = None,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", min=1)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=0)] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    device: DeviceOption = "auto",
+    amp: Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a hashing model with ADSH asymmetric hashing (writes last.pt, best.pt, metrics.jsonl)."""
+    from train.config import TrainConfig, make_config
+    from train.trainer import CONFIG, train as run_training
+
+    if resume:
+        config_path = out / CONFIG
+        if not config_path.is_file():
+            raise FghError(f"{out}: nothing to resume (no {CONFIG})")
+        config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    else:
+        if data is None or model is None or bits is None:
+            raise FghError("fgh train needs --data, --model and --bits (or --resume --out RUN)")
+        pretrained: bool | str = str(weights) if weights else not no_pretrained
+        config = make_config(
+            preset, data=str(data), model=model, bits=bits, out=str(out), backbone=backbone, pretrained=pretrained,
+            input_size=input_size, model_options=_parse_options(option), iterations=iterations, epochs=epochs,
+            num_samples=num_samples, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            lr_steps=[int(v) for v in lr_steps.split(",") if v] if lr_steps else None, gamma=gamma,
+            nesterov=nesterov, freeze_trunk=freeze_trunk,
+            crop_scale=tuple(float(v) for v in crop_scale.split(",")) if crop_scale else None,
+            val_fraction=val_fraction, select_on=select_on, eval_every=eval_every, workers=workers, seed=seed,
+            device=device, amp=amp)
+    result = run_training(config, resume=resume, progress=None if not as_json else False)
+    if not result.is_main:
+        return
+    payload = {"schema_version": 1, "out": str(result.out), "iterations": result.iterations,
+               "best_iteration": result.best_iteration + 1, "best_map": result.best_map, "last_map": result.last_map,
+               "selected_on": result.selected_on, "seconds": round(result.seconds, 1)}
+    if as_json:
+        _print_json(payload)
+        return
+    err.print(f"Done in {result.seconds:.0f} s: best mAP {result.best_map:.4f} on {result.selected_on} at iteration "
+              f"{result.best_iteration + 1}; checkpoints in {result.out}", soft_wrap=True)
+    err.print(f"Next: fgh eval {result.out / 'best.pt'}", soft_wrap=True)
+
+
+@app.command(name="eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from fgh train.")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (default: the training data).")] = None,
+    top_k: Annotated[list[int] | None, typer.Option("--top-k", help="Cut-offs for mAP@k and precision@k.")] = None,
+    radius: Annotated[int, typer.Option("--radius", min=0)] = 2,
+    workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """mAP and precision of a checkpoint: the papers' asymmetric protocol and the deployed one."""
+    from train.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, data, topks=tuple(top_k or (100, 1000)), radius=radius,
+                                 device=device, workers=workers)
+    if as_json:
+        _print_json(report)
+        return
+    protocols = report["protocols"]
+    table = Table(title=f"fgh eval {checkpoint}: {report['model']['model']} {report['model']['bits']} bits, "
+                        f"{report['data']['query']} queries × {report['data']['database']} database")
+    table.add_column("metric")
+    for name in protocols:
+        table.add_column(name, justify="right")
+    first = next(iter(protocols.values()))
+    keys = [("map@all/index", "mAP@all (ties: database order)"), ("map@all/expected", "mAP@all tie-aware"),
+            ("map@all/best", "  best tie order"), ("map@all/worst", "  worst tie order")]
+    keys += [(k, k.replace("map", "mAP").replace("precision", "P")) for k in first
+             if k.startswith(("map@", "precision@", "recall@")) and not k.startswith("map@all")]
+    keys += [("chance_map@all", "chance mAP@all"), ("distinct_distances", "distinct distances")]
+    for key, label in keys:
+        table.add_row(label, *[_fmt(p.get(key)) for p in protocols.values()])
+    stdout.print(table)
+    for name, p in protocols.items():
+        stdout.print(f"  {name}: {p['description']}", soft_wrap=True)
+    selection = report.get("selection") or {}
+    if selection:
+        stdout.print(f"  checkpoint chosen on the {selection.get('split')} split "
+                     f"(iteration {int(selection.get('best_iteration', -1)) + 1})", soft_wrap=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,3 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("fgh: interrupted")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Runtime backends behind one interface, chosen by file type.
+
+``load_engine("m.pt")`` (PyTorch checkpoint). Every engine takes uint8 images and returns float
+tanh codes; see :class:`~engines.base.Engine`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fgh_deploy.errors import FghError
+
+from .base import Engine
+
+ENGINE_SUFFIXES = {".pt": "pytorch", ".pth": "pytorch"}
+
+
+def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
+    """Open an engine by its file type.
+
+    Args:
+        path: a ``.pt`` checkpoint.
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` (PyTorch engines).
+
+    Raises:
+        FghError: missing file or unknown file type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FghError(f"{path}: no such engine or checkpoint file")
+    kind = ENGINE_SUFFIXES.get(path.suffix.lower())
+    if kind == "pytorch":
+        from .torch_engine import TorchEngine
+
+        return TorchEngine(path, device=device)
+    raise FghError(f"{path}: unknown engine type {path.suffix!r}; expected one of {', '.join(ENGINE_SUFFIXES)}")
+
+
+__all__ = ["ENGINE_SUFFIXES", "Engine", "load_engine"]

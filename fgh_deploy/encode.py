@@ -1,0 +1,200 @@
+"""``fgh encode``: an image folder → packed codes in a crash-safe, resumable index.
+
+Decoding runs in DataLoader worker processes while the engine encodes the previous batch. Rows
+are committed to the index every few seconds, so a killed run (even ``kill -9``) loses at most
+the uncommitted tail, and the next run resumes: images already in the index are not encoded
+again, images deleted from the folder (or modified since) are dropped, new ones are appended.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .bits import pack_codes
+from .errors import FghError
+from .images import ImageBatchLoader, list_images
+from .index import CodeIndex
+
+if TYPE_CHECKING:
+    from engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+SKIPPED_LOG = "skipped.tsv"
+COMMIT_SECONDS = 2.0
+
+
+@dataclass
+class EncodeSummary:
+    """What one ``fgh encode`` run did (the CLI prints it; ``--json`` dumps it)."""
+
+    index: str
+    folder: str
+    engine: dict
+    bits: int
+    images: int = 0
+    encoded: int = 0
+    reused: int = 0
+    removed: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    index_bytes: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"schema_version": 1, **asdict(self), "images_per_second": self.images_per_second}
+
+
+def _file_stats(root: Path, rel: str) -> tuple[int, int]:
+    """(size, mtime_ns) of an image, or (-1, -1) if it cannot be stat'ed (it will fail to decode)."""
+    try:
+        st = os.stat(root / rel)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathLike, *,
+                  batch_size: int = 64, workers: int | None = None, rebuild: bool = False,
+                  progress: bool | None = None) -> EncodeSummary:
+    """Encode every image under ``folder`` into the index at ``out`` (created or resumed).
+
+    Args:
+        folder: image folder (recursive; hidden files skipped; symlinks followed without loops).
+        engine: an opened :class:`engines.base.Engine`.
+        out: index directory.
+        batch_size: images per engine call.
+        workers: decoding processes (default: cores − 1, at most 8; 0 decodes in this process).
+        rebuild: start the index from scratch instead of resuming it.
+        progress: show a progress bar on stderr (default: only when stderr is a terminal).
+
+    Returns:
+        An :class:`EncodeSummary`; images that could not be read are listed in ``skipped`` and in
+        ``skipped.tsv`` inside the index.
+
+    Raises:
+        FghError: missing folder, an index built by another model or from another folder
+            (without ``rebuild``), a damaged index.
+    """
+    start = time.perf_counter()
+    root = Path(folder)
+    out = Path(out)
+    paths = list_images(root)
+    root_str = str(root.resolve())
+    index = _open_or_create(out, engine, root_str, rebuild)
+    with index:
+        summary = EncodeSummary(index=str(out), folder=root_str, engine=engine.describe(), bits=engine.bits,
+                                images=len(paths))
+        stats = {p: _file_stats(root, p) for p in paths}
+        # Keep rows whose file is still there, unchanged; everything else is (re-)encoded.
+        existing = index.all_paths()
+        old_stats = index.stats
+        keep = np.array([stats.get(p) == (int(s[0]), int(s[1])) for p, s in zip(existing, old_stats)], dtype=bool)
+        if not keep.all():
+            summary.removed = int((~keep).sum())
+            index.compact(keep)
+        done = set(index.all_paths())
+        todo = [p for p in paths if p not in done]
+        summary.reused = len(paths) - len(todo)
+        _encode_into(index, engine, root, todo, stats, summary, batch_size,
+                     _default_workers() if workers is None else workers,
+                     sys.stderr.isatty() if progress is None else progress)
+        summary.index_bytes = index.nbytes
+    _write_skipped_log(out, summary.skipped)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> CodeIndex:
+    meta = dict(bits=engine.bits, fingerprint=engine.fingerprint, model=engine.model,
+                preprocess=engine.preprocess.to_dict(), engine=engine.describe(), root=root)
+    if rebuild or not CodeIndex.exists(out):
+        return CodeIndex.create(out, overwrite=rebuild, **meta)
+    index = CodeIndex.open(out, writable=True)
+    try:
+        index.check_compatible(engine.bits, engine.fingerprint)
+        if index.root != root:
+            raise FghError(f"{out}: built from {index.root}, not {root}; use --rebuild or another --out")
+    except FghError:
+        index.close()
+        raise
+    return index
+
+
+def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
+                 stats: dict[str, tuple[int, int]], summary: EncodeSummary, batch_size: int, workers: int,
+                 show_progress: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    timings = {"decode_wait": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
+    loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=batch_size, num_workers=workers,
+                              pin_memory=getattr(engine, "device", None) is not None and
+                              str(getattr(engine, "device")).startswith("cuda"))
+    columns = [TextColumn("encoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    progress = Progress(*columns, disable=not show_progress, transient=False,
+                        console=_stderr_console())
+    last_commit = time.perf_counter()
+    started = time.perf_counter()
+    with progress:
+        task = progress.add_task("encode", total=len(todo), rate=0.0)
+        tick = time.perf_counter()
+        for indices, images, failures in loader:
+            now = time.perf_counter()
+            timings["decode_wait"] += now - tick
+            for failure in failures:
+                summary.skipped.append({"path": todo[failure.index], "reason": failure.reason})
+            if len(indices):
+                t0 = time.perf_counter()
+                codes = engine.encode(images)
+                t1 = time.perf_counter()
+                packed = pack_codes(codes)
+                t2 = time.perf_counter()
+                rel = [todo[i] for i in indices]
+                index.append(packed, rel, np.array([stats[p] for p in rel], dtype=np.int64))
+                summary.encoded += len(indices)
+                timings["engine"] += t1 - t0
+                timings["pack"] += t2 - t1
+                timings["write"] += time.perf_counter() - t2
+            if time.perf_counter() - last_commit >= COMMIT_SECONDS:
+                t3 = time.perf_counter()
+                index.commit()
+                timings["write"] += time.perf_counter() - t3
+                last_commit = time.perf_counter()
+            done = summary.encoded + len(summary.skipped)
+            progress.update(task, completed=done, rate=done / max(time.perf_counter() - started, 1e-9))
+            tick = time.perf_counter()
+        t3 = time.perf_counter()
+        index.commit()
+        timings["write"] += time.perf_counter() - t3
+    summary.timings = {k: round(v, 4) for k, v in timings.items()}
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _write_skipped_log(out: Path, skipped: list[dict]) -> None:
+    """One line per unreadable image (path TAB reason), replaced on every run."""
+    from .checkpoint import atomic_write
+
+    text = "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped)
+    atomic_write(out / SKIPPED_LOG, lambda f: f.write(text.encode("utf-8", "surrogateescape")))

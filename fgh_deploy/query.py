@@ -1,0 +1,113 @@
+"""``fgh query``: images → codes → exact Hamming search in an index.
+
+Results are ordered by Hamming distance, then by database order (the order images were added to
+the index), so the same query always gives the same list. Library entry points:
+
+* :func:`search_images` — by image files (decoded exactly like ``fgh encode`` does);
+* :func:`search_codes` — by float or packed codes;
+* :func:`fgh_deploy.search.knn_hamming` — code-to-code without an index.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from .bits import pack_codes
+from .config import PreprocessConfig
+from .errors import FghError
+from .images import load_image
+from .index import CodeIndex
+
+if TYPE_CHECKING:
+    from engines.base import Engine
+
+TIE_RULE = "distance, then database order"
+
+
+@dataclass
+class Hit:
+    rank: int
+    distance: int
+    row: int
+    path: str
+    tie_group: int  # hits with the same distance share a tie group (0 = the nearest distance)
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hits: list[Hit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "results": [vars(h) for h in self.hits]}
+
+
+def _hits(index: CodeIndex, distances: np.ndarray, rows: np.ndarray) -> list[Hit]:
+    valid = rows >= 0
+    distances, rows = distances[valid], rows[valid]
+    paths = index.paths(rows.tolist())
+    groups = np.concatenate([[0], np.cumsum(np.diff(distances) != 0)]) if len(distances) else []
+    return [Hit(rank + 1, int(d), int(r), p, int(g))
+            for rank, (d, r, p, g) in enumerate(zip(distances, rows, paths, groups))]
+
+
+def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
+                 radius: int | None = None) -> list[list[Hit]]:
+    """Search the index with float codes (signed with u ≥ 0 → 1) or packed uint8 codes.
+
+    Args:
+        index: an opened :class:`CodeIndex`.
+        codes: (nq, bits) float codes or (nq, code_size) packed uint8 codes.
+        top_k: neighbours per query; with ``radius``, the cap on hits per query (None: no cap
+            is not allowed for k-NN).
+        radius: if given, return every item with distance ≤ radius (sorted), capped at ``top_k``.
+
+    Returns:
+        One list of :class:`Hit` per query.
+    """
+    codes = np.asarray(codes)
+    packed = codes if codes.dtype == np.uint8 else pack_codes(codes, bits=index.bits)
+    if radius is None:
+        distances, rows = index.search(packed, top_k)
+        return [_hits(index, distances[i], rows[i]) for i in range(len(packed))]
+    lims, distances, rows = index.range_search(packed, radius)
+    return [_hits(index, distances[lims[i]:lims[i + 1]][:top_k], rows[lims[i]:lims[i + 1]][:top_k])
+            for i in range(len(packed))]
+
+
+def check_engine_matches(index: CodeIndex, engine: Engine) -> None:
+    """Refuse to search an index with codes from another model or preprocessing."""
+    index.check_compatible(engine.bits, engine.fingerprint)
+    if PreprocessConfig.from_dict(index.preprocess) != engine.preprocess:
+        raise FghError(f"{index.path}: built with preprocessing {index.preprocess}, "
+                       f"but {engine.path.name} uses {engine.preprocess.to_dict()}")
+
+
+def search_images(index: CodeIndex, engine: Engine, images: Sequence[str | os.PathLike], *,
+                  top_k: int = 10, radius: int | None = None) -> list[QueryResult]:
+    """Encode query images with ``engine`` and search ``index``.
+
+    Raises:
+        FghError: an unreadable query image (named), or an engine that does not match the index.
+    """
+    check_engine_matches(index, engine)
+    batch = torch.stack([load_image(path, engine.preprocess) for path in images])
+    hits = search_codes(index, engine.encode(batch), top_k=top_k, radius=radius)
+    return [QueryResult(str(path), h) for path, h in zip(images, hits)]
+
+
+def default_engine_path(index: CodeIndex) -> Path:
+    """The engine file recorded in the index (what produced its codes)."""
+    recorded = index.engine.get("path")
+    if not recorded:
+        raise FghError(f"{index.path}: records no engine; pass --engine")
+    path = Path(recorded)
+    if not path.is_file():
+        raise FghError(f"{index.path}: its engine {path} is gone; pass --engine")
+    return path
