@@ -1,6 +1,6 @@
 """Runtime backends behind one interface, chosen by file type.
 
-``load_engine("m.pt")`` (PyTorch checkpoint). Every engine takes uint8 images and returns float
+``load_engine("m.pt")`` (PyTorch checkpoint), ``load_engine("m.onnx")`` (ONNX Runtime). Every engine takes uint8 images and returns float
 tanh codes; see :class:`~engines.base.Engine`.
 """
 
@@ -13,15 +13,15 @@ from fgh_deploy.errors import FghError
 
 from .base import Engine
 
-ENGINE_SUFFIXES = {".pt": "pytorch", ".pth": "pytorch"}
+ENGINE_SUFFIXES = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnxruntime"}
 
 
 def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
     """Open an engine by its file type.
 
     Args:
-        path: a ``.pt`` checkpoint.
-        device: ``auto``, ``cpu`` or ``cuda[:N]`` (PyTorch engines).
+        path: a ``.pt`` checkpoint or an ``.onnx`` file from ``fgh export``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
 
     Raises:
         FghError: missing file or unknown file type.
@@ -34,6 +34,10 @@ def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
         from .torch_engine import TorchEngine
 
         return TorchEngine(path, device=device)
+    if kind == "onnxruntime":
+        from .onnx_engine import OnnxEngine
+
+        return OnnxEngine(path, device=device)
     raise FghError(f"{path}: unknown engine type {path.suffix!r}; expected one of {', '.join(ENGINE_SUFFIXES)}")
 
 

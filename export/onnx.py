@@ -6,6 +6,7 @@ Runtime runs; the dynamo exporter (the default since torch 2.9) supports 18 and 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,26 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, opset: int =
     if check:
         onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+class HalfPrecisionModel(nn.Module):
+    """The FP16 inference graph of a hash model, with FP32 islands.
+
+    uint8 in → FP32 normalisation → FP16 network → FP32 codes out. The models already keep their
+    numerically fragile parts in FP32 with explicit casts (SEMICON's mask statistics, the channel
+    interaction's signed-sqrt softmax, A²-Net's L2 normalisation), and those casts land in the
+    graph: exactly what a strongly typed TensorRT 11 build needs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().half()
+        self.model.normalize.float()
+        self.preprocess = model.preprocess
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.normalize(images).half()
+        return torch.tanh(self.model.hash_head(self.model.encode_features(x))).float()
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:

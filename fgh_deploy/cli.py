@@ -52,6 +52,9 @@ def _root(
         stdout.print(ctx.get_help())
         raise typer.Exit()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Third-party libraries log their internals at INFO (e.g. onnxscript's graph rewrites).
+    for noisy in ("onnxscript", "onnx_ir", "torch", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command()
@@ -168,7 +171,8 @@ def query(
                      "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]})
         return
     for result in results:
-        table = Table(title=f"{result.query}  ({len(result.hits)} hits of {total}, {bits} bits)")
+        stdout.print(f"{result.query}: {len(result.hits)} hits of {total} ({bits} bits)", markup=False, soft_wrap=True)
+        table = Table()
         table.add_column("rank", justify="right")
         table.add_column("distance", justify="right")
         table.add_column("path", overflow="fold")
@@ -300,6 +304,77 @@ def eval_(
     if selection:
         stdout.print(f"  checkpoint chosen on the {selection.get('split')} split "
                      f"(iteration {int(selection.get('best_iteration', -1)) + 1})", soft_wrap=True)
+
+
+@app.command(name="export")
+def export_(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.pt) to export.")],
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Where artefacts go (default: next to the checkpoint).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an FP16 ONNX graph (FP32 islands kept) and check it.")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Build a TensorRT engine (needs TensorRT and a GPU).")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="TensorRT engine precision: fp16 or fp32.")] = "fp16",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Image folder for the parity checks (default: built-in images).")] = None,
+    calib_count: Annotated[int, typer.Option("--calib-count", min=1)] = 32,
+    batch: Annotated[str, typer.Option("--batch", help="TensorRT profile MIN,OPT,MAX batch.")] = "1,16,64",
+    workspace: Annotated[float, typer.Option("--workspace", help="TensorRT workspace limit in GiB.")] = 2.0,
+    opt_level: Annotated[int, typer.Option("--opt-level", min=0, max=5, help="TensorRT builder optimisation level.")] = 3,
+    dla_core: Annotated[int | None, typer.Option("--dla-core", min=0, help="Build for this DLA core, GPU fallback (Jetson).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache file (reused).")] = None,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="Fail when bit agreement falls below this.")] = 0.995,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a checkpoint to ONNX (and FP16 ONNX, TensorRT), checking codes against PyTorch."""
+    from export.pipeline import export_checkpoint
+
+    if precision not in ("fp16", "fp32"):
+        raise FghError(f"--precision must be fp16 or fp32, got {precision!r}")
+    try:
+        profile = tuple(int(v) for v in batch.split(","))
+    except ValueError:
+        profile = ()
+    if len(profile) != 3 or not 1 <= profile[0] <= profile[1] <= profile[2]:
+        raise FghError(f"--batch expects MIN,OPT,MAX with 1 ≤ MIN ≤ OPT ≤ MAX, got {batch!r}")
+    result = export_checkpoint(checkpoint, out_dir=out_dir, fp16=fp16, trt=trt, trt_precision=precision, calib=calib,
+                               calib_count=calib_count, batch=profile, workspace_gib=workspace,
+                               optimization_level=opt_level, dla_core=dla_core, timing_cache=timing_cache,
+                               min_agreement=min_agreement)
+    if as_json:
+        _print_json(result.to_dict())
+    if not result.passed:
+        failed = [p.name for p in result.parity if not p.passed]
+        raise FghError(f"parity check failed ({'; '.join(failed)}): bit agreement below {min_agreement:.2%}")
+
+
+@app.command()
+def doctor(as_json: JsonOption = False) -> None:
+    """Versions of torch, CUDA, cuDNN, ONNX Runtime, TensorRT; the GPU; what fgh export --trt would do."""
+    from .doctor import diagnose
+
+    report = diagnose()
+    if as_json:
+        _print_json(report)
+        return
+    t, o, r = report["torch"], report["onnxruntime"], report["tensorrt"]
+    table = Table(title=f"fgh doctor ({report['platform']}, Python {report['python']})", show_header=False)
+    table.add_column(justify="right", style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("fgh", report["fgh"])
+    table.add_row("torch", f"{t['version']} (CUDA build {t['cuda_build'] or 'none'}, "
+                           f"cuDNN {t['cudnn'] or 'none'}, CUDA available: {t['cuda_available']})")
+    for gpu in t["gpus"]:
+        table.add_row(f"GPU {gpu['index']}", f"{gpu['name']}, compute capability {gpu['compute_capability']}, "
+                                              f"{gpu['memory_gib']} GiB")
+    if not t["gpus"]:
+        table.add_row("GPU", "none")
+    table.add_row("onnxruntime", f"{o.get('version', o.get('error'))} "
+                                 f"({', '.join(f'{k} {v}' for k, v in o['distributions'].items())})")
+    table.add_row("ORT providers", f"working: {', '.join(o.get('working_providers', [])) or 'none'}; "
+                                   f"built: {', '.join(o.get('built_providers', []))}")
+    table.add_row("TensorRT", f"{r['version']} (API family {r['api_family']})" if r["available"] else "not available")
+    table.add_row("export --trt", r["export_plan"])
+    stdout.print(table)
+    for warning in o["warnings"]:
+        err.print(f"WARNING: {warning}", soft_wrap=True)
 
 
 def _fmt(value: Any) -> str:

@@ -45,6 +45,9 @@ class TrainConfig:
     #: AGMH's attention-dispersion loss weight.
     adl_weight: float = 0.5
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    #: Keep the shared trunk (and its BatchNorm statistics) at the pretrained weights and train only
+    #: the per-branch stages and heads: about 2× faster, for short CPU schedules.
+    freeze_trunk: bool = False
     #: Fraction of the database held out to choose best.pt (never the query split).
     val_fraction: float = 0.1
     #: "val" (honest) or "query" (the papers' practice: best over iterations on the test set).
@@ -96,11 +99,12 @@ PAPER_PRESETS: dict[str, dict[str, Any]] = {
                   nesterov=False, weight_decay=1e-4, lr_steps=[35]),
 }
 
-# A short schedule for a first result on a CPU: few iterations of few epochs on a small sample,
-# a higher learning rate to make up for it, and a milder crop so few epochs still see the birds.
-FAST_PRESET: dict[str, Any] = dict(iterations=8, epochs=2, num_samples=500, batch_size=32, lr=5e-3, momentum=0.9,
-                                   nesterov=True, weight_decay=1e-4, lr_steps=[6], crop_scale=(0.35, 1.0),
-                                   eval_every=2)
+# A short schedule for a first result on a CPU (≤ 20 min per model with efficientnet_lite0 on 2
+# cores): few iterations of one epoch on a sample, a higher learning rate to make up for it, a
+# milder crop so few epochs still see the birds, and a frozen trunk.
+FAST_PRESET: dict[str, Any] = dict(iterations=12, epochs=1, num_samples=500, batch_size=32, lr=1e-2, momentum=0.9,
+                                   nesterov=True, weight_decay=1e-4, lr_steps=[9], crop_scale=(0.35, 1.0),
+                                   eval_every=3, freeze_trunk=True)
 
 PRESETS = ("paper", "fast")
 

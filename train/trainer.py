@@ -154,7 +154,10 @@ class Trainer:
                                  input_size=cfg.input_size, **cfg.model_options).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        if cfg.freeze_trunk:
+            self.model.trunk.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=cfg.lr_steps,
                                                               gamma=cfg.lr_decay)
@@ -255,6 +258,8 @@ class Trainer:
         sums: dict[str, float] = {}
         seen = 0
         self.model.train()
+        if cfg.freeze_trunk:
+            self.model.trunk.eval()  # frozen BatchNorm statistics too
         for epoch in range(cfg.epochs):
             seed = _iteration_seed(cfg.seed, iteration, epoch + 1)
             if self.world > 1:

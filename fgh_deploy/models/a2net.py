@@ -66,8 +66,9 @@ class A2Net(HashModel):
         parts = (fmap.unsqueeze(1) * parts_att.unsqueeze(2)).reshape(-1, c, h, w)
         local = global_pool(self.refine_local(parts)).reshape(b, self.options.num_parts, -1)
         glob = global_pool(self.refine_global(fmap))
-        if self.options.normalize_parts:
-            local, glob = F.normalize(local, dim=-1), F.normalize(glob, dim=-1)
+        if self.options.normalize_parts:  # in FP32: squares overflow FP16
+            dtype = local.dtype
+            local, glob = F.normalize(local.float(), dim=-1).to(dtype), F.normalize(glob.float(), dim=-1).to(dtype)
         # Local parts first, then the global vector (the official order).
         return torch.cat([local.flatten(1), glob], dim=1)
 

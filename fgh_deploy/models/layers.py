@@ -38,9 +38,11 @@ def _signed_sqrt_softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     """softmax(sign(A)·sqrt(|A|+1e-5)) @ v with A = q kᵀ / sqrt(dim), over the last two axes."""
     # Scale q before the matmul, not A after it: keeps FP16 affinities in range (models.md §8.2).
     q = q * q.shape[-1] ** -0.5
-    affinity = q @ k.transpose(-1, -2)
+    # The signed square root and the softmax run in FP32 (an island in FP16 graphs): 1e-5 is
+    # subnormal-adjacent in FP16 and the softmax is a reduction.
+    affinity = (q @ k.transpose(-1, -2)).float()
     affinity = torch.sign(affinity) * torch.sqrt(affinity.abs() + 1e-5)
-    return affinity.softmax(dim=-1) @ v
+    return affinity.softmax(dim=-1).to(v.dtype) @ v
 
 
 class ChannelInteraction(nn.Module):
