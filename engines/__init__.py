@@ -1,6 +1,7 @@
 """Runtime backends behind one interface, chosen by file type.
 
-``load_engine("m.pt")`` (PyTorch checkpoint), ``load_engine("m.onnx")`` (ONNX Runtime). Every engine takes uint8 images and returns float
+``load_engine("m.pt")`` (PyTorch checkpoint), ``load_engine("m.onnx")`` (ONNX Runtime),
+``load_engine("m.engine")`` (TensorRT, with fgh's header). Every engine takes uint8 images and returns float
 tanh codes; see :class:`~engines.base.Engine`.
 """
 
@@ -13,14 +14,15 @@ from fgh_deploy.errors import FghError
 
 from .base import Engine
 
-ENGINE_SUFFIXES = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnxruntime"}
+ENGINE_SUFFIXES = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt",
+                   ".plan": "tensorrt"}
 
 
 def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
     """Open an engine by its file type.
 
     Args:
-        path: a ``.pt`` checkpoint or an ``.onnx`` file from ``fgh export``.
+        path: a ``.pt`` checkpoint, or an ``.onnx`` / ``.engine`` file from ``fgh export``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
 
     Raises:
@@ -38,6 +40,10 @@ def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
         from .onnx_engine import OnnxEngine
 
         return OnnxEngine(path, device=device)
+    if kind == "tensorrt":
+        from .trt_engine import TensorRTEngine
+
+        return TensorRTEngine(path, device=device)
     raise FghError(f"{path}: unknown engine type {path.suffix!r}; expected one of {', '.join(ENGINE_SUFFIXES)}")
 
 
