@@ -47,7 +47,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def _config(data: Path, out: Path, **overrides):
     values = dict(backbone="resnet18", pretrained=False, input_size=32, iterations=3, epochs=1, num_samples=12,
-                  batch_size=4, workers=0, val_fraction=0.25, eval_every=1, seed=7)
+                  batch_size=4, workers=0, val_fraction=0.25, eval_every=1, seed=7, freeze_trunk=False)
     values.update(overrides)
     return make_config("fast", data=str(data), model=values.pop("model", "semicon"), bits=12, out=str(out), **values)
 
@@ -183,3 +183,43 @@ def test_eval_reports_both_protocols(tiny_data: Path, tmp_path: Path) -> None:
         assert metrics["map@all/worst"] <= metrics["map@all/expected"] <= metrics["map@all/best"]
         assert 0.0 < metrics["chance_map@all"] < 1.0
     json.dumps(report)
+
+
+@pytest.mark.parametrize("name", fgh.list_models())
+def test_each_model_has_its_loss_terms_on_a_fixed_batch(name: str) -> None:
+    from train.losses import training_losses
+
+    torch.manual_seed(0)
+    model = fgh.build_model(name, 12, backbone="resnet18", input_size=32).train()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = model.forward_train(images)
+    labels = torch.eye(2)[torch.tensor([0, 1, 0, 1, 0, 1])]
+    similarity = soft_similarity(labels[:4], labels)
+    database = sign_plus(torch.randn(6, 12, generator=torch.Generator().manual_seed(2)))
+    terms = training_losses(out, similarity, database, database[:4], gamma=200.0, batch_size=4,
+                            use_reconstruction=True, adl_weight=0.5)
+    expected = {"adsh": {"hash", "quant"}, "semicon": {"hash", "quant"}, "a2net": {"hash", "quant", "rec", "dec"},
+                "agmh": {"hash", "quant", "adl"}}[name]
+    assert set(terms) == expected
+    # Reference values of the shared terms, recomputed from their definitions.
+    u = out["codes"].float()
+    scale = 12.0 / (12 * 4 * 6)
+    torch.testing.assert_close(terms["hash"], ((12 * similarity - u @ database.T) ** 2).sum() * scale)
+    torch.testing.assert_close(terms["quant"], 200.0 * ((u - database[:4]) ** 2).sum() * scale)
+    if name == "agmh":
+        assert 0 < terms["adl"].item() <= 0.5  # the weighted mean overlap of softmax maps is at most 1
+    loss = sum(terms.values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_tiny_cpu_run_learns_well_above_chance(tiny_data: Path, tmp_path: Path) -> None:
+    # The loss is normalised by the database size, so a 12-image database needs a small rate, and
+    # γ = 200 would let the quantization term (γ·U) outweigh k·SᵀU (3 positives per row) in DCC.
+    result = train(_config(tiny_data, tmp_path / "learn", model="adsh", iterations=8, epochs=2, num_samples=16,
+                           lr=1e-3, gamma=5.0, val_fraction=0.0, select_on="query", crop_scale=(0.8, 1.0)), progress=False)
+    report = evaluate_checkpoint(tmp_path / "learn" / LAST, topks=(4,), workers=0)
+    asym = report["protocols"]["asymmetric"]
+    print(f"\ntiny run: mAP {asym['map@all/index']:.3f} vs chance {asym['chance_map@all']:.3f}")
+    assert asym["map@all/expected"] > asym["chance_map@all"] + 0.25

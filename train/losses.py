@@ -72,3 +72,26 @@ def attention_dispersion_loss(attention: torch.Tensor) -> torch.Tensor:
         return attention.new_zeros(())
     total = sum((spread[:, i] * spread[:, j]).sum() for i, j in pairs)
     return total / (len(pairs) * b)
+
+
+def training_losses(out: dict[str, torch.Tensor], similarity: torch.Tensor, database_codes: torch.Tensor,
+                    sampled_codes: torch.Tensor, *, gamma: float, batch_size: int, use_reconstruction: bool,
+                    adl_weight: float) -> dict[str, torch.Tensor]:
+    """Every loss term of one batch, by name; their sum is the training loss.
+
+    Args:
+        out: ``model.forward_train(images)`` (``codes`` plus model-specific tensors).
+        similarity, database_codes, sampled_codes, gamma: see :func:`adsh_loss`.
+        batch_size: the configured batch size (A²-Net's decorrelation target bs·I).
+        use_reconstruction: add A²-Net's reconstruction + decorrelation terms (from half of training on).
+        adl_weight: weight of AGMH's attention-dispersion loss (used when ``out`` has ``attention``).
+    """
+    codes = out["codes"].float()
+    hash_term, quant_term = adsh_loss(codes, similarity, database_codes, sampled_codes, gamma)
+    terms = {"hash": hash_term, "quant": quant_term}
+    if use_reconstruction and "reconstruction" in out:
+        terms["rec"] = reconstruction_loss(out["features"].float(), out["reconstruction"].float())
+        terms["dec"] = decorrelation_loss(codes, batch_size)
+    if "attention" in out:
+        terms["adl"] = adl_weight * attention_dispersion_loss(out["attention"])
+    return terms

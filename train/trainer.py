@@ -40,8 +40,7 @@ from .config import TrainConfig
 from .data import HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset, one_hot
 from .dcc import update_database_codes
 from .evaluate import encode_samples
-from .losses import (adsh_loss, attention_dispersion_loss, decorrelation_loss, reconstruction_loss,
-                     soft_similarity)
+from .losses import soft_similarity, training_losses
 from .metrics import mean_average_precision
 
 log = logging.getLogger(__name__)
@@ -254,7 +253,7 @@ class Trainer:
         codes_dev = self.codes.to(self.device)
         sim_dev = similarity.to(self.device)
         omega_dev = omega.to(self.device)
-        use_aux = cfg.model == "a2net" and iteration >= int(cfg.iterations * cfg.aux_start)
+        use_aux = iteration >= int(cfg.iterations * cfg.aux_start)
         sums: dict[str, float] = {}
         seen = 0
         self.model.train()
@@ -278,14 +277,9 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     out = self.step_module(images)
                 u = out["codes"].float()
-                hash_term, quant_term = adsh_loss(u, sim_dev[local_dev], codes_dev, codes_dev[omega_dev[local_dev]],
-                                                  cfg.gamma)
-                terms = {"hash": hash_term, "quant": quant_term}
-                if use_aux:
-                    terms["rec"] = reconstruction_loss(out["features"].float(), out["reconstruction"].float())
-                    terms["dec"] = decorrelation_loss(u, cfg.batch_size)
-                if "attention" in out:
-                    terms["adl"] = cfg.adl_weight * attention_dispersion_loss(out["attention"])
+                terms = training_losses(out, sim_dev[local_dev], codes_dev, codes_dev[omega_dev[local_dev]],
+                                        gamma=cfg.gamma, batch_size=cfg.batch_size, use_reconstruction=use_aux,
+                                        adl_weight=cfg.adl_weight)
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     raise FghError(f"training diverged at iteration {iteration} (loss {loss.item()}); "
