@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .demo import DEMO_ITERATIONS, DEMO_SAMPLES
 from .errors import FghError
 
 app = typer.Typer(
@@ -90,7 +91,8 @@ def models(
 
 
 EngineOption = Annotated[Path, typer.Option(
-    "--engine", "--model", "-m", help="Engine or checkpoint: .pt (PyTorch).", dir_okay=False)]
+    "--engine", "--model", "-m", help="Engine or checkpoint: .pt (PyTorch), .onnx (ONNX Runtime), .engine (TensorRT).",
+    dir_okay=False)]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (PyTorch engines).")]
 
 
@@ -154,6 +156,7 @@ def query(
         "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 10,
     radius: Annotated[int | None, typer.Option("--radius", "-r", min=0, help="All hits within this distance (capped at --top-k).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with thumbnails.")] = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -166,6 +169,11 @@ def query(
     with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device) as eng:
         results = search_images(idx, eng, images, top_k=top_k, radius=radius)
         bits, total = idx.bits, len(idx)
+        if html is not None:
+            from .report import write_html_report
+
+            write_html_report(html, results, index=idx)
+            err.print(f"Report: {html}", soft_wrap=True)
     if as_json:
         _print_json({"schema_version": 1, "index": str(index), "bits": bits, "ntotal": total, "top_k": top_k,
                      "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]})
@@ -375,6 +383,37 @@ def doctor(as_json: JsonOption = False) -> None:
     stdout.print(table)
     for warning in o["warnings"]:
         err.print(f"WARNING: {warning}", soft_wrap=True)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced on every run).")] = Path("fgh-demo"),
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (default: the embedded synthetic birds).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m")] = "semicon",
+    bits: BitsOption = 32,
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="Shorten or lengthen training.")] = DEMO_ITERATIONS,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Images sampled per iteration.")] = DEMO_SAMPLES,
+    input_size: InputSizeOption = 160,
+    workers: Annotated[int, typer.Option("--workers", min=0)] = 1,
+    as_json: JsonOption = False,
+) -> None:
+    """The whole main job offline: train, export to ONNX, encode, query, evaluate, HTML report."""
+    from .demo import run_demo
+
+    result = run_demo(out, data=data, model=model, bits=bits, iterations=iterations, num_samples=num_samples,
+                      input_size=input_size, workers=workers)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    stdout.print(f"mAP@all {result.map_all:.4f} (tie-aware {result.map_tie_aware:.4f}) vs chance "
+                 f"{result.chance_map:.4f}; precision@10 {result.precision_at_10:.4f} — {result.queries} queries × "
+                 f"{result.database} database images, {result.model} {result.bits} bits", soft_wrap=True)
+    stdout.print("Stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()), soft_wrap=True)
+    for name, path in result.artifacts.items():
+        stdout.print(f"  {name:10s} {path}", soft_wrap=True, markup=False)
+    stdout.print("Next:", soft_wrap=True)
+    for command in result.next_commands:
+        stdout.print(f"  {command}", soft_wrap=True, markup=False)
 
 
 def _fmt(value: Any) -> str:
