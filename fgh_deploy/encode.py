@@ -140,16 +140,16 @@ def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> Code
 def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                  stats: dict[str, tuple[int, int]], summary: EncodeSummary, batch_size: int, workers: int,
                  show_progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     timings = {"decode_wait": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
     loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=batch_size, num_workers=workers,
-                              pin_memory=getattr(engine, "device", None) is not None and
-                              str(getattr(engine, "device")).startswith("cuda"))
+                              pin_memory=str(getattr(engine, "device", "cpu")).startswith("cuda"))
     columns = [TextColumn("encoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     progress = Progress(*columns, disable=not show_progress, transient=False,
-                        console=_stderr_console())
+                        console=Console(stderr=True))
     last_commit = time.perf_counter()
     started = time.perf_counter()
     with progress:
@@ -184,12 +184,6 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
         index.commit()
         timings["write"] += time.perf_counter() - t3
     summary.timings = {k: round(v, 4) for k, v in timings.items()}
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def _write_skipped_log(out: Path, skipped: list[dict]) -> None:

@@ -311,10 +311,11 @@ class Trainer:
     def _progress(self, loader: DataLoader, iteration: int, epoch: int):
         if not self.show_progress:
             return loader
+        from rich.console import Console
         from rich.progress import track
 
         return track(loader, description=f"iter {iteration + 1}/{self.config.iterations} epoch {epoch + 1}",
-                     transient=True, console=_stderr_console())
+                     transient=True, console=Console(stderr=True))
 
     def _evaluate(self) -> dict[str, Any]:
         """mAP@all (asymmetric: network queries vs learned codes) on the selection split."""
@@ -376,12 +377,6 @@ def _truncate_metrics(path: Path, next_iteration: int) -> None:
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["iteration"] < next_iteration]
     atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
