@@ -18,7 +18,7 @@ import torch
 
 from fgh_deploy.backbones import file_sha256
 from fgh_deploy.checkpoint import load_checkpoint
-from fgh_deploy.errors import FghError
+from fgh_deploy.errors import BackendUnavailableError, FghError
 
 from .calibration import calibration_images
 from .onnx import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, HalfPrecisionModel, export_onnx
@@ -36,6 +36,8 @@ class ExportResult:
     parity: list[ParityReport] = field(default_factory=list)
     seconds: float = 0.0
     next_commands: list[str] = field(default_factory=list)
+    #: Stages that could not run here, with the reason (e.g. no TensorRT on this machine).
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -44,7 +46,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": 1, "checkpoint": str(self.checkpoint),
                 "artifacts": {k: str(v) for k, v in self.artifacts.items()},
-                "parity": [p.to_dict() for p in self.parity], "passed": self.passed,
+                "parity": [p.to_dict() for p in self.parity], "passed": self.passed, "skipped": self.skipped,
                 "seconds": round(self.seconds, 2), "next_commands": self.next_commands}
 
 
@@ -152,10 +154,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
                                          min_agreement))
         engine_onnx = half_path
     if trt:
-        result.artifacts["engine"], report = _trt_stage(
-            ckpt, checkpoint, onnx_path, engine_onnx, out, stem, images, reference, source, trt_precision, batch,
-            workspace_gib, optimization_level, dla_core, timing_cache, min_agreement)
-        result.parity.append(report)
+        try:
+            result.artifacts["engine"], report = _trt_stage(
+                ckpt, checkpoint, onnx_path, engine_onnx, out, stem, images, reference, source, trt_precision, batch,
+                workspace_gib, optimization_level, dla_core, timing_cache, min_agreement)
+            result.parity.append(report)
+        except BackendUnavailableError as exc:
+            # Everything else is done: say what could not be, and keep the ONNX files for the target.
+            result.skipped["tensorrt"] = str(exc)
+            log.info("TensorRT: skipped: %s", exc)
     result.seconds = time.perf_counter() - started
     deploy = result.artifacts.get("engine") or result.artifacts["onnx"]
     result.next_commands = [
@@ -163,8 +170,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
         f"fgh query IMAGE.jpg --index {shlex.quote(str(out / (stem + '.index')))}",
         f"fgh eval {shlex.quote(str(checkpoint))}",
     ]
-    log.info("Export %s (%.1fs), results saved to %s", "complete" if result.passed else "FAILED parity",
-             result.seconds, out)
+    verdict = "FAILED parity" if not result.passed else ("incomplete" if result.skipped else "complete")
+    log.info("Export %s (%.1fs), results saved to %s", verdict, result.seconds, out)
     for command in result.next_commands:
         log.info("  %s", command)
     return result
@@ -180,8 +187,8 @@ def _trt_stage(ckpt, checkpoint: Path, onnx_fp32: Path, onnx_for_engine: Path, o
 
     trt = import_tensorrt()
     if not torch.cuda.is_available():
-        raise FghError("TensorRT engines are built on the GPU they will run on, and CUDA is not available here; "
-                       "the ONNX files are ready: copy them to the target and run fgh export there")
+        raise BackendUnavailableError("TensorRT engines are built on the GPU they will run on, and CUDA is not "
+                                      "available here; copy the checkpoint to the target and run fgh export there")
     family = api_family(trt)
     major, minor = torch.cuda.get_device_capability()
     engine_path = out / engine_file_name(stem, precision, f"{major}.{minor}", trt.__version__)

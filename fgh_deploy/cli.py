@@ -351,6 +351,10 @@ def export_(
     if not result.passed:
         failed = [p.name for p in result.parity if not p.passed]
         raise FghError(f"parity check failed ({'; '.join(failed)}): bit agreement below {min_agreement:.2%}")
+    if result.skipped:
+        from .errors import BackendUnavailableError
+
+        raise BackendUnavailableError("; ".join(f"{stage} not built: {why}" for stage, why in result.skipped.items()))
 
 
 @app.command()

@@ -139,3 +139,24 @@ def test_doctor_reports_what_runs_here() -> None:
     assert "CPUExecutionProvider" in report["onnxruntime"]["working_providers"]
     assert report["torch"]["cuda_available"] == torch.cuda.is_available()
     assert "export_plan" in report["tensorrt"]
+
+
+def test_trt_export_does_what_it_can_and_says_what_it_could_not(tmp_path: Path) -> None:
+    try:
+        import tensorrt  # noqa: F401
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are here: the real build is covered by tests/test_tensorrt.py")
+    except ImportError:
+        pass
+    torch.manual_seed(0)
+    ckpt = fgh.save_checkpoint(fgh.build_model("adsh", 16, backbone="resnet18", input_size=64), tmp_path / "a.pt")
+    proc = subprocess.run([sys.executable, "-m", "fgh_deploy.cli", "export", str(ckpt), "--trt", "--calib-count", "4",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stderr
+    payload = json.loads(proc.stdout)
+    assert set(payload["artifacts"]) == {"onnx", "onnx_fp16"} and payload["passed"] is True
+    assert "tensorrt" in payload["skipped"]
+    assert "TensorRT: skipped:" in proc.stderr and "fgh encode" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fgh: error: tensorrt not built:")
