@@ -255,7 +255,6 @@ class Trainer:
         omega_dev = omega.to(self.device)
         use_aux = iteration >= int(cfg.iterations * cfg.aux_start)
         sums: dict[str, float] = {}
-        seen = 0
         self.model.train()
         if cfg.freeze_trunk:
             self.model.trunk.eval()  # frozen BatchNorm statistics too
@@ -268,7 +267,7 @@ class Trainer:
                 sampler = _SeededShuffle(len(sampled), seed)
             loader = _loader(sampled, self.data, self.model, cfg, train=True, batch_size=cfg.batch_size,
                              sampler=sampler, device=self.device)
-            for images, _, local in self._progress(loader, iteration, epoch):
+            for images, _, local in self._progress(loader, iteration, epoch, sums):
                 images = images.to(self.device, non_blocking=True)
                 if self.device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -291,10 +290,10 @@ class Trainer:
                 outputs[local] = u.detach().cpu()
                 written[local] = 1.0
                 bs = len(local)
-                seen += bs
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach()) * bs
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * bs
+                sums["seen"] = sums.get("seen", 0.0) + bs
         self.scheduler.step()
         if self.world > 1:
             # Each rank saw its own shard: combine U (DistributedSampler may repeat a few rows).
@@ -303,19 +302,31 @@ class Trainer:
             outputs = (stacked[0] / stacked[1].clamp(min=1)).cpu()
         self.codes = update_database_codes(self.codes, outputs, similarity, omega, cfg.gamma)
         seconds = time.perf_counter() - tick
+        seen = sums.pop("seen", 0.0)
         record = {"iteration": iteration, "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
                   "images_per_second": round(seen * self.world / seconds, 2)}
-        record.update({k: v / max(seen, 1) for k, v in sums.items()})
+        record.update({k: v / max(seen, 1.0) for k, v in sums.items()})
         return record
 
-    def _progress(self, loader: DataLoader, iteration: int, epoch: int):
+    def _progress(self, loader: DataLoader, iteration: int, epoch: int, sums: dict[str, float]) -> Iterator:
+        """``loader``'s batches; on a terminal also a bar with the running loss and images/s."""
         if not self.show_progress:
-            return loader
+            yield from loader
+            return
         from rich.console import Console
-        from rich.progress import track
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        return track(loader, description=f"iter {iteration + 1}/{self.config.iterations} epoch {epoch + 1}",
-                     transient=True, console=Console(stderr=True))
+        columns = (TextColumn(f"iter {iteration + 1}/{self.config.iterations} epoch {epoch + 1}"), BarColumn(),
+                   MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                   TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
+        started, seen_before = time.perf_counter(), sums.get("seen", 0.0)
+        with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+            task = bar.add_task("train", total=len(loader), loss=0.0, rate=0.0)
+            for batch in loader:
+                yield batch
+                seen = sums.get("seen", 0.0)
+                bar.update(task, advance=1, loss=sums.get("loss", 0.0) / max(seen, 1.0),
+                           rate=(seen - seen_before) * self.world / max(time.perf_counter() - started, 1e-9))
 
     def _evaluate(self) -> dict[str, Any]:
         """mAP@all (asymmetric: network queries vs learned codes) on the selection split."""
