@@ -292,8 +292,10 @@ def eval_(
         _print_json(report)
         return
     protocols = report["protocols"]
-    table = Table(title=f"fgh eval {checkpoint}: {report['model']['model']} {report['model']['bits']} bits, "
-                        f"{report['data']['query']} queries × {report['data']['database']} database")
+    stdout.print(f"fgh eval {checkpoint}: {report['model']['model']} {report['model']['bits']} bits, "
+                 f"{report['data']['query']} queries × {report['data']['database']} database", soft_wrap=True,
+                 markup=False)
+    table = Table()
     table.add_column("metric")
     for name in protocols:
         table.add_column(name, justify="right")
