@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 
-from fgh_deploy.errors import FghError
+from fgh_deploy import search
+from fgh_deploy.errors import BackendUnavailableError, FghError
 from fgh_deploy.search import (
     HammingSearcher,
     hamming_distances,
@@ -196,3 +200,197 @@ def test_bad_parameters_are_refused() -> None:
         range_search_hamming(database, database, -1)
     with pytest.raises(FghError, match="chunk_size must be at least 1"):
         HammingSearcher(database, chunk_size=0)
+
+
+# ------------------------------------------------------------ layouts, blocking, threads
+
+
+@pytest.mark.parametrize(
+    ("bits", "column_dtypes"),
+    [
+        (8, ["uint8"]),
+        (16, ["uint16"]),
+        (24, ["uint32"]),
+        (32, ["uint32"]),
+        (33, ["uint64"]),  # 5 bytes: one padded uint64 word, not uint32 + uint8
+        (48, ["uint64"]),
+        (64, ["uint64"]),
+        (96, ["uint64", "uint32"]),
+        (128, ["uint64", "uint64"]),
+        (136, ["uint64", "uint64", "uint8"]),
+    ],
+)
+def test_word_layout_and_exactness(bits: int, column_dtypes: list[str]) -> None:
+    rng = np.random.default_rng(1000 + bits)
+    database = random_packed(rng, 3000, bits, pool=200)
+    queries = np.concatenate([database[:5], random_packed(rng, 32, bits)])  # 37: not a group multiple
+    searcher = HammingSearcher(database, chunk_size=1500)
+    assert searcher.layout == column_dtypes
+    assert searcher.nbytes == 3000 * sum(np.dtype(dt).itemsize for dt in column_dtypes)
+    np.testing.assert_array_equal(searcher.distances(queries), ref_distances(queries, database))
+    for k in (1, 10, 100):
+        assert_knn_matches(searcher.search(queries, k), queries, database, k)
+    for radius in (0, bits // 4):
+        assert_range_matches(searcher.range_search(queries, radius), queries, database, radius)
+
+
+@pytest.fixture
+def always_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the threaded path even for test-sized searches."""
+    monkeypatch.setattr(search, "_MIN_PARALLEL_WORK", 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("nq", [1, 2, 5, 33, 70])  # few queries split rows; many split groups
+@pytest.mark.parametrize("bits", [32, 48, 128])
+def test_threads_and_batches_with_many_ties(always_parallel, threads: int, nq: int, bits: int) -> None:
+    rng = np.random.default_rng(nq * bits + threads)
+    database = random_packed(rng, 4001, bits, pool=7)  # ~570 copies of each code
+    queries = np.concatenate([database[: nq // 2], random_packed(rng, nq - nq // 2, bits)])
+    searcher = HammingSearcher(database, threads=threads, chunk_size=700)
+    for k in (1, 9, 600, 4001, 4010):
+        assert_knn_matches(searcher.search(queries, k), queries, database, k)
+    assert_range_matches(searcher.range_search(queries, 3), queries, database, 3)
+    np.testing.assert_array_equal(searcher.distances(queries), ref_distances(queries, database))
+
+
+def test_small_steps_and_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Steps narrower than a block, groups of 3 and blocks of 4 rows: padding at every step end.
+    monkeypatch.setattr(search, "_STEP_ELEMENTS", 30)
+    monkeypatch.setattr(search, "_GROUP_QUERIES", 3)
+    monkeypatch.setattr(search, "_BLOCK_ROWS", 4)
+    rng = np.random.default_rng(5)
+    database = random_packed(rng, 203, 20, pool=25)
+    queries = random_packed(rng, 8, 20)
+    searcher = HammingSearcher(database)
+    for k in (1, 7, 203, 210):
+        assert_knn_matches(searcher.search(queries, k), queries, database, k)
+    assert_range_matches(searcher.range_search(queries, 6), queries, database, 6)
+
+
+@pytest.mark.parametrize("chunk_size", [131072, 777, 50])
+@pytest.mark.parametrize("k", [1, 10, 4999, 5001])
+def test_single_queries_with_ties(tied, chunk_size: int, k: int) -> None:
+    # One query per call takes the scalar-bookkeeping path.
+    queries, database = tied
+    searcher = HammingSearcher(database, chunk_size=chunk_size, threads=1)
+    for query in queries:
+        assert_knn_matches(searcher.search(query, k), query[np.newaxis], database, k)
+
+
+@pytest.mark.parametrize("nq", [1, 2])
+def test_candidates_are_compacted_when_every_row_improves(monkeypatch: pytest.MonkeyPatch, nq: int) -> None:
+    # Rows come in order of decreasing distance, so every step brings new nearest rows and the
+    # candidate buffer must be trimmed to the top k on the way.
+    monkeypatch.setattr(search, "_STEP_ELEMENTS", 64)
+    bits = 64
+    rows = np.zeros((bits + 1, bits), np.uint8)
+    for d in range(bits + 1):
+        rows[d, :d] = 1
+    database = np.packbits(np.repeat(rows[::-1], 40, axis=0), axis=1, bitorder="little")
+    queries = np.zeros((nq, 8), np.uint8)
+    compactions = []
+    order = search._order_candidates
+
+    def counting(*args):
+        compactions.append(len(args[0]))
+        return order(*args)
+
+    monkeypatch.setattr(search, "_order_candidates", counting)
+    out = HammingSearcher(database).search(queries, 5)
+    assert len(compactions) > 2  # compacted during the scan, not only at the end
+    assert_knn_matches(out, queries, database, 5)
+
+
+def test_threads_give_identical_results(always_parallel) -> None:
+    rng = np.random.default_rng(9)
+    database = random_packed(rng, 20000, 64, pool=3000)
+    queries = random_packed(rng, 40, 64)
+    one = HammingSearcher(database, threads=1)
+    two = HammingSearcher(database, threads=2)
+    for a, b in zip(one.search(queries, 25), two.search(queries, 25)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(one.range_search(queries, 20), two.range_search(queries, 20)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_memory_mapped_database(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    database = random_packed(rng, 500, 48, pool=50)
+    path = tmp_path / "codes.u8"
+    database.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=database.shape)
+    assert_knn_matches(HammingSearcher(mapped).search(database[:4], 12), database[:4], database, 12)
+
+
+def test_bad_threads_and_device_are_refused() -> None:
+    database = np.zeros((5, 2), np.uint8)
+    with pytest.raises(FghError, match="threads must be at least 1"):
+        HammingSearcher(database, threads=0)
+    with pytest.raises(FghError, match="device must be"):
+        HammingSearcher(database, device="tpu")
+
+
+# ------------------------------------------------------------------------ torch / CUDA
+
+
+def test_torch_kernel_matches_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ±1 matrix-product kernel, run by torch on the CPU (fp32) behind the same wrapper."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(search._TorchHamming, "_BLOCK_ELEMENTS", 9 * 200)  # blocks of 200 rows
+    rng = np.random.default_rng(21)
+    database = random_packed(rng, 1500, 48, pool=60)
+    queries = np.concatenate([database[:3], random_packed(rng, 6, 48)])
+    searcher = HammingSearcher(database)
+    # No CUDA needed to check the torch code: it is device-agnostic, so run it on the CPU.
+    searcher._gpu = search._TorchHamming(database, torch.device("cpu"))
+    assert searcher.nbytes == 1500 * 48 * 4
+    for k in (1, 10, 1500, 1503):
+        assert_knn_matches(searcher.search(queries, k), queries, database, k)
+    assert_range_matches(searcher.range_search(queries, 5), queries, database, 5)
+    np.testing.assert_array_equal(searcher.distances(queries), ref_distances(queries, database))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs torch with a CUDA device")
+@pytest.mark.parametrize("bits", [32, 48, 64, 128, 300])
+def test_cuda_matches_cpu(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    database = random_packed(rng, 50000, bits, pool=5000)
+    queries = np.concatenate([database[:8], random_packed(rng, 56, bits)])
+    cpu = HammingSearcher(database)
+    gpu = HammingSearcher(database, device="cuda")
+    assert gpu.device == "cuda"
+    for k in (1, 10, 100):
+        for a, b in zip(cpu.search(queries, k), gpu.search(queries, k)):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(cpu.range_search(queries, bits // 4), gpu.range_search(queries, bits // 4)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(cpu.distances(queries[:4]), gpu.distances(queries[:4]))
+
+
+@pytest.mark.skipif(_cuda_available(), reason="checks the error on machines without CUDA")
+def test_cuda_unavailable_is_a_clear_error() -> None:
+    with pytest.raises(BackendUnavailableError, match="CUDA is not available"):
+        HammingSearcher(np.zeros((5, 2), np.uint8), device="cuda")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threaded_search_works_in_a_forked_child(always_parallel) -> None:
+    rng = np.random.default_rng(4)
+    database = random_packed(rng, 3000, 64)
+    queries = random_packed(rng, 8, 64)
+    searcher = HammingSearcher(database, threads=2)
+    expected = searcher.search(queries, 5)  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(searcher.search, (queries, 5)).get(timeout=60)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,424 @@
+"""Benchmarks behind ``fgh bench``: Hamming search (against FAISS), engine latency, encoding.
+
+Every function returns a JSON-serialisable dict (``schema_version`` 1) and logs progress to
+stderr through :mod:`logging`; none prints. Timings are wall-clock medians or percentiles of
+repeated calls; the dicts also record what they ran on (CPU count, load average, versions),
+since numbers from a shared or busy machine are not comparable with quiet ones.
+
+``smoke=True`` shrinks every benchmark to a run of about a second, for tests: the structure
+and the exactness flags are the same, the timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import FghError
+from .search import HammingSearcher
+
+if TYPE_CHECKING:
+    from engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Rows per slice of the independent reference check: bounds its temporaries (~16 bytes a row).
+_REFERENCE_ROWS = 1 << 20
+
+
+def bench_search(
+    n: int,
+    bits: int,
+    *,
+    queries: Sequence[int] = (1, 64),
+    k: int = 10,
+    repeats: int = 5,
+    seed: int = 0,
+    compare_faiss: bool = True,
+    threads: int | None = None,
+    smoke: bool = False,
+) -> dict[str, Any]:
+    """Time exact k-NN over ``n`` random ``bits``-bit codes, ours against FAISS ``IndexBinaryFlat``.
+
+    Both search the same packed codes with the same queries in the same process. For each
+    query batch size the result records the median time per call, per query and the codes
+    compared per second (``n * nq / time``), and whether FAISS returned the same distances and,
+    away from ties at the k-th distance (whose order FAISS leaves unspecified), the same
+    neighbours. Our results for the first queries are also checked against an independent
+    brute force (row-wise popcount, then a ``(distance, row)`` lexsort).
+
+    Args:
+        n: Database codes.
+        bits: Code length; codes are packed LSB-first into ``ceil(bits / 8)`` bytes with the
+            unused high bits zero, as :func:`fgh_deploy.bits.pack_codes` makes them.
+        queries: Query batch sizes to time (one search call per batch).
+        k: Neighbours per query.
+        repeats: Timed calls per batch size, after one untimed warm-up call.
+        seed: Seed of the random codes.
+        compare_faiss: Also time FAISS when ``import faiss`` works (``faiss-cpu``).
+        threads: Threads for both libraries; None leaves each at its default (ours: the CPUs
+            this process may use; FAISS: its OpenMP default).
+        smoke: At most 10,000 codes, batches of at most 8 queries, one timed call.
+
+    Returns:
+        ``{"schema_version", "benchmark": "search", "n", "bits", "code_size", "k", "repeats",
+        "seed", "machine", "ours", "faiss", "results"}``; ``ours`` holds ``threads``,
+        ``layout`` (column dtypes), ``build_seconds``, ``index_bytes``, ``bytes_per_code``;
+        ``faiss`` holds ``available``, ``version``, ``threads``, ``build_seconds`` (or
+        ``reason`` when unavailable or not asked for); each entry of ``results`` holds
+        ``queries``, ``ours`` and ``faiss`` (``seconds_per_call``, ``seconds_per_query``,
+        ``codes_per_second``, ``runs``), ``speedup_vs_faiss``, ``same_distances``,
+        ``same_neighbours`` and ``matches_reference``.
+
+    Raises:
+        FghError: ``n``, ``bits``, ``k``, ``repeats`` or a batch size below 1.
+    """
+    for name, value in (("n", n), ("bits", bits), ("k", k), ("repeats", repeats)):
+        if value < 1:
+            raise FghError(f"{name} must be at least 1, got {value}")
+    if not queries or min(queries) < 1:
+        raise FghError(f"query batch sizes must be at least 1, got {list(queries)}")
+    if smoke:
+        n, repeats = min(n, 10_000), 1
+        queries = sorted({min(q, 8) for q in queries})
+    rng = np.random.default_rng(seed)
+    database = _random_codes(rng, n, bits)
+    query_codes = _random_codes(rng, max(queries), bits)
+    log.info("search benchmark: %d codes of %d bits, batches %s, k=%d", n, bits, list(queries), k)
+
+    start = time.perf_counter()
+    searcher = HammingSearcher(database, threads=threads)
+    ours_info = {
+        "threads": searcher.threads,
+        "layout": searcher.layout,
+        "build_seconds": time.perf_counter() - start,
+        "index_bytes": searcher.nbytes,
+        "bytes_per_code": searcher.nbytes / n,
+    }
+    faiss = _import_faiss() if compare_faiss else None
+    faiss_info: dict[str, Any] = {"available": False, "reason": "not asked for"}
+    if compare_faiss and faiss is None:
+        faiss_info["reason"] = "import faiss failed (pip install faiss-cpu)"
+    faiss_default_threads = faiss.omp_get_max_threads() if faiss is not None else None
+    results = []
+    try:
+        faiss_index = None
+        if faiss is not None:
+            if threads is not None:
+                faiss.omp_set_num_threads(threads)
+            start = time.perf_counter()
+            faiss_index = faiss.IndexBinaryFlat(database.shape[1] * 8)
+            faiss_index.add(database)
+            faiss_info = {
+                "available": True,
+                "version": faiss.__version__,
+                "index": "IndexBinaryFlat",
+                "threads": faiss.omp_get_max_threads(),
+                "build_seconds": time.perf_counter() - start,
+            }
+        for nq in queries:
+            results.append(_search_entry(searcher, faiss_index, database, query_codes[:nq], k, repeats))
+    finally:
+        # FAISS threads are process-wide: leave them as found.
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_default_threads)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "search",
+        "n": n,
+        "bits": bits,
+        "code_size": database.shape[1],
+        "k": k,
+        "repeats": repeats,
+        "seed": seed,
+        "machine": _machine(),
+        "ours": ours_info,
+        "faiss": faiss_info,
+        "results": results,
+    }
+
+
+def bench_engine(
+    engine: Engine,
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    warmup: int = 3,
+    iterations: int = 20,
+    seed: int = 0,
+    smoke: bool = False,
+) -> dict[str, Any]:
+    """Latency and throughput of ``engine.encode`` on random uint8 images of its input size.
+
+    On CUDA the clock stops only after the device is done (``encode`` returns host arrays,
+    and torch's queue is synchronised around every call when torch CUDA is initialised).
+
+    Args:
+        engine: Any opened :class:`engines.base.Engine`.
+        batch_sizes: Images per call to time.
+        warmup: Untimed calls per batch size first (allocator, autotuning, lazy init).
+        iterations: Timed calls per batch size.
+        seed: Seed of the random images.
+        smoke: Batches of at most 2 images, one warm-up and two timed calls.
+
+    Returns:
+        ``{"schema_version", "benchmark": "engine", "engine" (its describe()), "bits",
+        "input_size", "machine", "results"}``; each result holds ``batch_size``,
+        ``iterations``, ``latency_ms`` (``p50``, ``p95``, ``p99``, ``mean``, ``min``) and
+        ``images_per_second`` (images over the summed latencies).
+
+    Raises:
+        FghError: a batch size or ``iterations`` below 1, or ``warmup`` below 0.
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise FghError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
+    if iterations < 1 or warmup < 0:
+        raise FghError(f"need iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
+    if smoke:
+        batch_sizes = sorted({min(b, 2) for b in batch_sizes})
+        warmup, iterations = 1, 2
+    rng = np.random.default_rng(seed)
+    size = engine.input_size
+    results = []
+    for batch_size in batch_sizes:
+        images = rng.integers(0, 256, (batch_size, 3, size, size), dtype=np.uint8)
+        for _ in range(warmup):
+            engine.encode(images)
+        # Looked up after the warm-up: the engine may be what initialises CUDA.
+        sync = _cuda_sync()
+        latencies = []
+        for _ in range(iterations):
+            sync()
+            start = time.perf_counter()
+            engine.encode(images)
+            sync()
+            latencies.append(time.perf_counter() - start)
+        ms = np.array(latencies) * 1e3
+        results.append({
+            "batch_size": batch_size,
+            "iterations": iterations,
+            "latency_ms": {
+                "p50": float(np.percentile(ms, 50)),
+                "p95": float(np.percentile(ms, 95)),
+                "p99": float(np.percentile(ms, 99)),
+                "mean": float(ms.mean()),
+                "min": float(ms.min()),
+            },
+            "images_per_second": batch_size * iterations / float(np.sum(latencies)),
+        })
+        log.info("  batch %3d: p50 %.2f ms, %.1f images/s", batch_size, results[-1]["latency_ms"]["p50"],
+                 results[-1]["images_per_second"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "engine",
+        "engine": engine.describe(),
+        "bits": engine.bits,
+        "input_size": size,
+        "machine": _machine(),
+        "results": results,
+    }
+
+
+def bench_encode(
+    folder: str | os.PathLike[str],
+    engine: Engine,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    limit: int | None = None,
+    smoke: bool = False,
+) -> dict[str, Any]:
+    """End-to-end ``fgh encode`` speed: images → decoded → encoded → packed → written index.
+
+    Runs :func:`fgh_deploy.encode.encode_folder` into a temporary index (removed afterwards),
+    so it measures exactly what ``fgh encode`` does, decoding workers included.
+
+    Args:
+        folder: Image folder (recursive).
+        engine: An opened :class:`engines.base.Engine`.
+        batch_size: Images per engine call.
+        workers: Decoding processes (default as ``fgh encode``; 0 decodes in this process).
+        limit: Encode only the first ``limit`` images (in listing order), via a temporary
+            folder of symbolic links.
+        smoke: At most 8 images, batches of 4, decoding in this process.
+
+    Returns:
+        ``{"schema_version", "benchmark": "encode", "folder", "engine", "bits", "batch_size",
+        "workers", "machine", "images", "encoded", "skipped", "seconds",
+        "images_per_second", "timings", "timing_fractions", "index_bytes",
+        "bytes_per_image"}``; ``timings`` are seconds spent waiting for decoded batches
+        (``decode_wait``), in the engine, packing, writing, and ``other`` (listing, index
+        setup); ``timing_fractions`` divide them by ``seconds``.
+
+    Raises:
+        FghError: a missing folder, ``batch_size`` < 1 or ``limit`` < 1.
+    """
+    from .encode import _default_workers, encode_folder
+    from .images import list_images
+
+    if batch_size < 1:
+        raise FghError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise FghError(f"limit must be at least 1, got {limit}")
+    if smoke:
+        limit, batch_size, workers = min(limit or 8, 8), min(batch_size, 4), 0
+    workers = _default_workers() if workers is None else workers
+    root = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="fgh-bench-") as tmp:
+        source = root
+        if limit is not None:
+            source = Path(tmp) / "images"
+            for rel in list_images(root)[:limit]:
+                link = source / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to((root / rel).resolve())
+            source.mkdir(exist_ok=True)  # an empty selection is still a folder to encode
+        log.info("encode benchmark: %s, batch %d, %d worker(s)", root, batch_size, workers)
+        summary = encode_folder(source, engine, Path(tmp) / "index", batch_size=batch_size,
+                                workers=workers, rebuild=True, progress=False)
+    timings = dict(summary.timings)
+    timings["other"] = max(0.0, summary.seconds - sum(timings.values()))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "encode",
+        "folder": str(root.resolve()),
+        "engine": engine.describe(),
+        "bits": engine.bits,
+        "batch_size": batch_size,
+        "workers": workers,
+        "machine": _machine(),
+        "images": summary.images,
+        "encoded": summary.encoded,
+        "skipped": len(summary.skipped),
+        "seconds": summary.seconds,
+        "images_per_second": summary.images_per_second,
+        "timings": timings,
+        "timing_fractions": {key: value / summary.seconds if summary.seconds > 0 else 0.0
+                             for key, value in timings.items()},
+        "index_bytes": summary.index_bytes,
+        "bytes_per_image": summary.index_bytes / summary.encoded if summary.encoded else None,
+    }
+
+
+def _search_entry(
+    searcher: HammingSearcher, faiss_index: Any, database: np.ndarray, batch: np.ndarray, k: int, repeats: int
+) -> dict[str, Any]:
+    """Time one query batch on ours (and FAISS) and compare the results."""
+    n, nq = len(database), len(batch)
+    ours_time, (distances, labels) = _time_calls(lambda: searcher.search(batch, k), repeats)
+    entry: dict[str, Any] = {
+        "queries": nq,
+        "ours": _throughput(ours_time, n, nq),
+        "faiss": None,
+        "speedup_vs_faiss": None,
+        "same_distances": None,
+        "same_neighbours": None,
+        # The reference is a full brute force per query: two queries keep it cheap at 10M codes.
+        "matches_reference": _matches_reference(batch[:2], database, distances[:2], labels[:2]),
+    }
+    if faiss_index is not None:
+        faiss_time, (faiss_d, faiss_l) = _time_calls(lambda: faiss_index.search(batch, k), repeats)
+        entry["faiss"] = _throughput(faiss_time, n, nq)
+        entry["speedup_vs_faiss"] = statistics.median(faiss_time) / statistics.median(ours_time)
+        entry["same_distances"] = bool(np.array_equal(faiss_d, distances))
+        entry["same_neighbours"] = _same_neighbours(distances, labels, faiss_d, faiss_l)
+    log.info("  %3d queries: ours %.3g codes/s%s", nq, entry["ours"]["codes_per_second"],
+             f", FAISS {entry['faiss']['codes_per_second']:.3g} codes/s" if entry["faiss"] else "")
+    return entry
+
+
+def _random_codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
+    """``n`` random packed codes of ``bits`` bits, the unused high bits of the last byte zero."""
+    codes = rng.integers(0, 256, (n, (bits + 7) // 8), dtype=np.uint8)
+    if bits % 8:
+        codes[:, -1] &= (1 << (bits % 8)) - 1
+    return codes
+
+
+def _time_calls(call: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    """One untimed warm-up call, then ``repeats`` timed ones; returns (seconds, last result)."""
+    result = call()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        seconds.append(time.perf_counter() - start)
+    return seconds, result
+
+
+def _throughput(seconds: list[float], n: int, nq: int) -> dict[str, Any]:
+    median = statistics.median(seconds)
+    return {
+        "seconds_per_call": median,
+        "seconds_per_query": median / nq,
+        "codes_per_second": n * nq / median,
+        "runs": seconds,
+    }
+
+
+def _same_neighbours(distances: np.ndarray, labels: np.ndarray, faiss_d: np.ndarray, faiss_l: np.ndarray) -> bool:
+    """Same neighbour sets at every distance below each query's k-th (FAISS orders ties freely).
+
+    Rows at the k-th distance itself are a free choice among the tied ones for FAISS, so
+    only their distances (compared separately) must agree.
+    """
+    if not np.array_equal(distances, faiss_d):
+        return False
+    for d, ours, theirs in zip(distances, labels, faiss_l):
+        inside = d < d[-1]
+        if sorted(zip(d[inside], ours[inside])) != sorted(zip(d[inside], theirs[inside])):
+            return False
+    return True
+
+
+def _matches_reference(queries: np.ndarray, database: np.ndarray, distances: np.ndarray, labels: np.ndarray) -> bool:
+    """Our top k equals an independent brute force under the (distance, row) tie rule."""
+    k = distances.shape[1]
+    for query, d, i in zip(queries, distances, labels):
+        full = np.concatenate([
+            np.bitwise_count(database[lo : lo + _REFERENCE_ROWS] ^ query).sum(axis=1, dtype=np.int32)
+            for lo in range(0, len(database), _REFERENCE_ROWS)
+        ])
+        order = np.lexsort((np.arange(len(full)), full))[:k]
+        if not (np.array_equal(i[: len(order)], order) and np.array_equal(d[: len(order)], full[order])):
+            return False
+    return True
+
+
+def _import_faiss() -> Any:
+    """The ``faiss`` module, or None (logged) where it is not installed."""
+    try:
+        import faiss
+    except ImportError as exc:
+        log.warning("FAISS not available (%s); timing ours only (pip install faiss-cpu to compare)", exc)
+        return None
+    return faiss
+
+
+def _cuda_sync() -> Callable[[], None]:
+    """``torch.cuda.synchronize`` when torch has initialised CUDA here, else a no-op."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _machine() -> dict[str, Any]:
+    """What the timings ran on: CPUs, load, library versions."""
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "numpy": np.__version__,
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = list(os.getloadavg())
+    return info
