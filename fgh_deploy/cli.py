@@ -422,6 +422,111 @@ def demo(
         stdout.print(f"  {command}", soft_wrap=True, markup=False)
 
 
+bench_app = typer.Typer(help="Benchmarks: engine latency, search vs FAISS, end-to-end encode.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise FghError(f"{option} expects positive integers separated by commas, got {text!r}")
+    return values
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    engine: Annotated[Path, typer.Argument(help="Engine or checkpoint (.pt, .onnx, .engine).")],
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,8,32",
+    iterations: Annotated[int, typer.Option("--iterations", min=1)] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Latency p50/p95/p99 and images/s per batch size."""
+    from engines import load_engine
+
+    from .bench import bench_engine
+
+    with load_engine(engine, device=device) as eng:
+        report = bench_engine(eng, batch_sizes=_int_list(batch, "--batch"), warmup=warmup, iterations=iterations)
+    if as_json:
+        _print_json(report)
+        return
+    stdout.print(f"fgh bench engine {engine} ({report['engine']['kind']})", soft_wrap=True, markup=False)
+    table = Table()
+    for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "images/s"):
+        table.add_column(column, justify="right")
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        table.add_row(str(r["batch_size"]), f"{lat['p50']:.2f}", f"{lat['p95']:.2f}", f"{lat['p99']:.2f}",
+                      f"{r['images_per_second']:.1f}")
+    stdout.print(table)
+
+
+@bench_app.command("search")
+def bench_search_cmd(
+    n: Annotated[int, typer.Option("--n", min=1, help="Database codes.")] = 1_000_000,
+    bits: Annotated[str, typer.Option("--bits", help="Code lengths, comma-separated.")] = "48,128",
+    queries: Annotated[str, typer.Option("--queries", help="Query batch sizes, comma-separated.")] = "1,64",
+    k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 10,
+    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Threads for both libraries.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Exact k-NN codes/s and latency, ours vs FAISS IndexBinaryFlat (when faiss is installed), same run."""
+    from .bench import bench_search
+
+    reports = [bench_search(n, b, queries=_int_list(queries, "--queries"), k=k, repeats=repeats, threads=threads)
+               for b in _int_list(bits, "--bits")]
+    if as_json:
+        _print_json({"schema_version": 1, "benchmark": "search", "reports": reports})
+        return
+    stdout.print(f"fgh bench search: {n:,} random codes, k={k}", soft_wrap=True)
+    table = Table()
+    for column in ("bits", "queries", "ours ms/query", "ours Mcodes/s", "FAISS Mcodes/s", "speed-up", "same results"):
+        table.add_column(column, justify="right")
+    for report in reports:
+        for r in report["results"]:
+            faiss = r.get("faiss") or {}
+            table.add_row(str(report["bits"]), str(r["queries"]), f"{r['ours']['seconds_per_query'] * 1e3:.2f}",
+                          f"{r['ours']['codes_per_second'] / 1e6:.0f}",
+                          f"{faiss['codes_per_second'] / 1e6:.0f}" if faiss else "-",
+                          f"{r['speedup_vs_faiss']:.2f}×" if r.get("speedup_vs_faiss") else "-",
+                          str(r.get("same_distances", "-")))
+    stdout.print(table)
+    if not reports[0]["faiss"].get("available"):
+        err.print(f"FAISS not compared: {reports[0]['faiss'].get('reason')}", soft_wrap=True)
+
+
+@bench_app.command("encode")
+def bench_encode_cmd(
+    folder: Annotated[Path, typer.Argument(help="Image folder.")],
+    engine: EngineOption,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    workers: Annotated[int | None, typer.Option("--workers", min=0)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """End-to-end encode images/s with the time breakdown (decode wait, engine, pack, write)."""
+    from engines import load_engine
+
+    from .bench import bench_encode
+
+    with load_engine(engine, device=device) as eng:
+        report = bench_encode(folder, eng, batch_size=batch_size, workers=workers, limit=limit)
+    if as_json:
+        _print_json(report)
+        return
+    stdout.print(f"{report['encoded']} images in {report['seconds']:.1f} s: {report['images_per_second']:.1f} "
+                 f"images/s, {report['bytes_per_image']:.1f} bytes per indexed image", soft_wrap=True)
+    for stage, seconds in report["timings"].items():
+        stdout.print(f"  {stage:12s} {seconds:8.2f} s  {report['timing_fractions'].get(stage, 0):6.1%}", soft_wrap=True)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"

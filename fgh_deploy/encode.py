@@ -72,7 +72,7 @@ def _default_workers() -> int:
 
 def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathLike, *,
                   batch_size: int = 64, workers: int | None = None, rebuild: bool = False,
-                  progress: bool | None = None) -> EncodeSummary:
+                  progress: bool | None = None, commit_seconds: float = COMMIT_SECONDS) -> EncodeSummary:
     """Encode every image under ``folder`` into the index at ``out`` (created or resumed).
 
     Args:
@@ -83,6 +83,7 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
         workers: decoding processes (default: cores − 1, at most 8; 0 decodes in this process).
         rebuild: start the index from scratch instead of resuming it.
         progress: show a progress bar on stderr (default: only when stderr is a terminal).
+        commit_seconds: commit appended rows at least this often (a kill loses at most that much work).
 
     Returns:
         An :class:`EncodeSummary`; images that could not be read are listed in ``skipped`` and in
@@ -114,7 +115,7 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
         summary.reused = len(paths) - len(todo)
         _encode_into(index, engine, root, todo, stats, summary, batch_size,
                      _default_workers() if workers is None else workers,
-                     sys.stderr.isatty() if progress is None else progress)
+                     sys.stderr.isatty() if progress is None else progress, commit_seconds)
         summary.index_bytes = index.nbytes
     _write_skipped_log(out, summary.skipped)
     summary.seconds = time.perf_counter() - start
@@ -139,7 +140,7 @@ def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> Code
 
 def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                  stats: dict[str, tuple[int, int]], summary: EncodeSummary, batch_size: int, workers: int,
-                 show_progress: bool) -> None:
+                 show_progress: bool, commit_seconds: float) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -172,7 +173,7 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                 timings["engine"] += t1 - t0
                 timings["pack"] += t2 - t1
                 timings["write"] += time.perf_counter() - t2
-            if time.perf_counter() - last_commit >= COMMIT_SECONDS:
+            if time.perf_counter() - last_commit >= commit_seconds:
                 t3 = time.perf_counter()
                 index.commit()
                 timings["write"] += time.perf_counter() - t3

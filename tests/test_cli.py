@@ -48,3 +48,12 @@ def test_errors_are_one_line_with_a_non_zero_exit() -> None:
 
 def test_usage_errors_exit_2() -> None:
     assert run_cli("models", "--bits", "0").returncode == 2
+
+
+def test_bench_search_json_smoke() -> None:
+    result = run_cli("bench", "search", "--n", "2000", "--bits", "16,33", "--queries", "1,3", "--repeats", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [r["bits"] for r in payload["reports"]] == [16, 33]
+    for report in payload["reports"]:
+        assert [r["queries"] for r in report["results"]] == [1, 3]

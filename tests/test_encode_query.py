@@ -125,11 +125,20 @@ def _cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _encode_process(folder: Path, model: Path, out: Path) -> subprocess.Popen:
+    # Commit after every batch of 2, so the kill lands between commits of a run still in progress.
+    code = ("import sys; from engines import load_engine; from fgh_deploy.encode import encode_folder\n"
+            "with load_engine(sys.argv[2]) as e:\n"
+            "    encode_folder(sys.argv[1], e, sys.argv[3], batch_size=2, workers=0, progress=False, commit_seconds=0)")
+    return subprocess.Popen([sys.executable, "-c", code, str(folder), str(model), str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_kill_minus_nine_then_resume_equals_a_clean_index(folder: Path, model_path: Path, tmp_path: Path) -> None:
     args = ["--engine", str(model_path), "--batch-size", "2", "--workers", "0", "--json"]
     clean = _cli("encode", str(folder), "--out", str(tmp_path / "clean"), *args)
     assert clean.wait(timeout=300) == 0, clean.stderr.read()
-    victim = _cli("encode", str(folder), "--out", str(tmp_path / "killed"), *args)
+    victim = _encode_process(folder, model_path, tmp_path / "killed")
     manifest = tmp_path / "killed" / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:
