@@ -75,7 +75,7 @@ _GROUP_QUERIES = 32
 _MIN_PARALLEL_WORK = 1 << 21
 # A query without k candidates yet bounds a step by the k-th smallest distance of the step's
 # first rows: looser than the whole step's k-th but a fraction of its cost.
-_PREFIX_ROWS = 4096
+_PREFIX_ROWS = 1024
 _PREFIX_ROWS_PER_K = 16
 # Rows per block whose minimum is checked against a query's bound: the uint8 min reduction
 # runs at ~20 G/s on 1024-row blocks (~2 G/s on 64-row ones), and only blocks whose minimum
@@ -279,13 +279,22 @@ class HammingSearcher:
         threads = min(self.threads, len(tasks))
         if threads <= 1:
             return [fn(task) for task in tasks]
-        return list(_executor(threads).map(fn, tasks))
+        # Contiguous shares, the first run by the calling thread: one hand-off per helper
+        # thread, and the caller works instead of waiting (a wake-up costs tens of µs here).
+        shares = [tasks[len(tasks) * t // threads : len(tasks) * (t + 1) // threads] for t in range(threads)]
+        futures = [_executor(threads - 1).submit(lambda share=share: [fn(task) for task in share]) for share in shares[1:]]
+        results = [fn(task) for task in shares[0]]
+        for future in futures:
+            results.extend(future.result())
+        return results
 
-    def _steps(self, query_columns: list[np.ndarray], task: tuple[int, int, int, int]) -> Iterator[_Step]:
+    def _steps(
+        self, query_columns: list[np.ndarray], task: tuple[int, int, int, int], first_rows: int = 0
+    ) -> Iterator[_Step]:
         """Distances of the task's queries to its rows, one cache-sized step at a time.
 
         Each step's array lives in a buffer that the next step overwrites: callers copy what
-        they keep.
+        they keep. ``first_rows`` (when smaller than a step) makes the first step that short.
         """
         q_lo, q_hi, r_lo, r_hi = task
         group = q_hi - q_lo
@@ -294,13 +303,17 @@ class HammingSearcher:
         rows = max(1, min(self._chunk_size, _STEP_ELEMENTS // group, r_hi - r_lo))
         block = min(_BLOCK_ROWS, rows)
         rows -= rows % block
-        xor_bufs = {col.dtype: np.empty(group * rows, dtype=col.dtype) for col in self._columns}
-        acc_buf = np.empty(group * rows, dtype=self._acc_dtype)
-        count_buf = np.empty(group * rows, dtype=np.uint8)
+        xor_bufs = {col.dtype: _scratch("xor", col.dtype, group * rows) for col in self._columns}
+        acc_buf = _scratch("acc", self._acc_dtype, group * rows)
+        count_buf = _scratch("count", np.uint8, group * rows)
         first, *rest = zip(self._columns, query)
         never = np.iinfo(self._acc_dtype).max
-        for start in range(r_lo, r_hi, rows):
-            stop = min(start + rows, r_hi)
+        edges = [r_lo]
+        if 0 < first_rows < rows:
+            edges.append(min(r_lo + first_rows, r_hi))
+        while edges[-1] < r_hi:
+            edges.append(min(edges[-1] + rows, r_hi))
+        for start, stop in zip(edges, edges[1:]):
             size = group * (stop - start)
             padded = -(-(stop - start) // block) * block
             acc = acc_buf[: group * padded].reshape(group, padded)
@@ -335,12 +348,12 @@ class HammingSearcher:
         hist = np.zeros((group, bins), dtype=np.int64)
         limit = np.full(group, self._max_distance, dtype=np.int64)
         short = True
-        for step in self._steps(query_columns, task):
+        for step in self._steps(query_columns, task, _first_step_rows(k)):
             bound = limit
             if short:
                 missing = limit == self._max_distance
                 bound = limit.copy()
-                bound[missing] = _prefix_bound(step.dist[missing], k, self._max_distance)
+                bound[missing] = _prefix_bound(step.dist, missing, k, self._max_distance)
             added = found.add(step, bound)
             if added is None:
                 continue
@@ -373,11 +386,11 @@ class HammingSearcher:
         held = 0
         smallest = np.empty(0, dtype=self._acc_dtype)  # the k smallest distances so far
         limit = self._max_distance
-        for step in self._steps(query_columns, task):
+        for step in self._steps(query_columns, task, _first_step_rows(k)):
             row = step.dist[0]
             bound = limit
             if len(smallest) < k:
-                bound = int(_prefix_bound(step.dist, k, self._max_distance)[0])
+                bound = int(_prefix_bound(step.dist, slice(None), k, self._max_distance)[0])
             if row.min() > bound:
                 continue
             flat = (row <= bound).nonzero()[0]
@@ -504,20 +517,31 @@ def _order_candidates(
     return qi, dist, rows, rank
 
 
-def _prefix_bound(acc: np.ndarray, k: int, max_distance: int) -> np.ndarray:
-    """Per row of ``acc``, a bound every top-k entry of that row is ``<= to``.
+def _first_step_rows(k: int) -> int:
+    """Rows of a k-NN scan's first step: twice the prefix its bound is read from.
+
+    The first bound (a prefix's k-th distance) is loose, and with short codes many rows tie
+    at it; a short first step keeps those few, and from the second step on the bound is the
+    k-th distance of every row seen so far.
+    """
+    return 2 * max(_PREFIX_ROWS, _PREFIX_ROWS_PER_K * k)
+
+
+def _prefix_bound(dist: np.ndarray, rows: np.ndarray | slice, k: int, max_distance: int) -> np.ndarray:
+    """For each of ``dist[rows]``, a bound every top-k entry of that row is ``<=`` to.
 
     Reads a histogram of a prefix of each row: the k-th smallest of a subset holding at
-    least k entries is at least the k-th smallest of the whole row.
+    least k entries is at least the k-th smallest of the whole row. Only the prefix is
+    copied out of ``dist``.
     """
-    width = min(acc.shape[1], max(_PREFIX_ROWS, _PREFIX_ROWS_PER_K * k))
+    width = min(dist.shape[1], max(_PREFIX_ROWS, _PREFIX_ROWS_PER_K * k))
+    prefix = dist[rows, :width]
     if width < k:
-        return np.full(len(acc), max_distance, dtype=np.int64)
+        return np.full(len(prefix), max_distance, dtype=np.int64)
     bins = max_distance + 1
-    offsets = np.arange(len(acc), dtype=np.int64)[:, np.newaxis] * bins
-    hist = np.bincount((acc[:, :width] + offsets).reshape(-1), minlength=len(acc) * bins)
-    cumulative = np.cumsum(hist.reshape(len(acc), bins), axis=1)
-    return np.count_nonzero(cumulative < k, axis=1)
+    offsets = np.arange(len(prefix), dtype=np.int64)[:, np.newaxis] * bins
+    hist = np.bincount((prefix + offsets).reshape(-1), minlength=len(prefix) * bins)
+    return (hist.reshape(len(prefix), bins).cumsum(axis=1) < k).sum(axis=1)
 
 
 class _TorchHamming:
@@ -676,6 +700,24 @@ def _to_columns(codes: np.ndarray) -> list[np.ndarray]:
         word[:, :width] = codes[:, lo : lo + width]
         columns.append(word.view(dtype).reshape(-1))
     return columns
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(role: str, dtype: Any, size: int) -> np.ndarray:
+    """This thread's reusable buffer for ``role``: ``size`` elements of ``dtype``.
+
+    Fresh multi-MiB arrays come from ``mmap`` and fault in on first touch (about 1 ms for a
+    step's buffers, measured), which is more than a whole search of 20,000 codes; scans run
+    one at a time per thread, so each thread keeps its buffers between calls.
+    """
+    buffers: dict[tuple[str, np.dtype], np.ndarray] = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (role, np.dtype(dtype))
+    buf = buffers.get(key)
+    if buf is None or buf.size < size:
+        buf = buffers[key] = np.empty(size, dtype=dtype)
+    return buf[:size]
 
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
