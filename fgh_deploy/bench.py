@@ -235,6 +235,7 @@ def bench_encode(
     batch_size: int = 64,
     workers: int | None = None,
     limit: int | None = None,
+    gpu_decode: bool | None = None,
     smoke: bool = False,
 ) -> dict[str, Any]:
     """End-to-end ``fgh encode`` speed: images → decoded → encoded → packed → written index.
@@ -249,15 +250,18 @@ def bench_encode(
         workers: Decoding processes (default as ``fgh encode``; 0 decodes in this process).
         limit: Encode only the first ``limit`` images (in listing order), via a temporary
             folder of symbolic links.
+        gpu_decode: As :func:`fgh_deploy.encode.encode_folder`.
         smoke: At most 8 images, batches of 4, decoding in this process.
 
     Returns:
         ``{"schema_version", "benchmark": "encode", "folder", "engine", "bits", "batch_size",
         "workers", "machine", "images", "encoded", "skipped", "seconds",
-        "images_per_second", "timings", "timing_fractions", "index_bytes",
-        "bytes_per_image"}``; ``timings`` are seconds spent waiting for decoded batches
-        (``decode_wait``), in the engine, packing, writing, and ``other`` (listing, index
-        setup); ``timing_fractions`` divide them by ``seconds``.
+        "images_per_second", "timings", "timing_fractions", "image_seconds", "index_bytes",
+        "bytes_per_image"}``; ``timings`` are this process's wall seconds spent waiting for
+        decoded batches (``decode_wait``), decoding on the GPU, in the engine, packing,
+        writing, and ``other`` (listing, index setup); ``timing_fractions`` divide them by
+        ``seconds``. ``image_seconds`` sums each image's decode and resize time over the
+        decoding workers, which run in parallel.
 
     Raises:
         FghError: a missing folder, ``batch_size`` < 1 or ``limit`` < 1.
@@ -284,7 +288,7 @@ def bench_encode(
             source.mkdir(exist_ok=True)  # an empty selection is still a folder to encode
         log.info("encode benchmark: %s, batch %d, %d worker(s)", root, batch_size, workers)
         summary = encode_folder(source, engine, Path(tmp) / "index", batch_size=batch_size,
-                                workers=workers, rebuild=True, progress=False)
+                                workers=workers, rebuild=True, progress=False, gpu_decode=gpu_decode)
     timings = dict(summary.timings)
     timings["other"] = max(0.0, summary.seconds - sum(timings.values()))
     return {
@@ -304,6 +308,7 @@ def bench_encode(
         "timings": timings,
         "timing_fractions": {key: value / summary.seconds if summary.seconds > 0 else 0.0
                              for key, value in timings.items()},
+        "image_seconds": summary.image_seconds,
         "index_bytes": summary.index_bytes,
         "bytes_per_image": summary.index_bytes / summary.encoded if summary.encoded else None,
     }

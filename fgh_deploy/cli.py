@@ -94,6 +94,10 @@ EngineOption = Annotated[Path, typer.Option(
     "--engine", "--model", "-m", help="Engine or checkpoint: .pt (PyTorch), .onnx (ONNX Runtime), .engine (TensorRT).",
     dir_okay=False)]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (PyTorch engines).")]
+GpuDecodeOption = Annotated[bool | None, typer.Option(
+    "--gpu-decode/--cpu-decode",
+    help="Decode JPEGs with nvJPEG on the engine's GPU, or with Pillow in the workers (default: GPU when the "
+         "engine runs on CUDA).")]
 
 
 def _human_bytes(n: float) -> str:
@@ -113,6 +117,7 @@ def encode(
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoding processes.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Start the index from scratch.")] = False,
     device: DeviceOption = "auto",
+    gpu_decode: GpuDecodeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Encode an image folder into packed bit codes (resumable; unreadable images are skipped and listed)."""
@@ -122,7 +127,7 @@ def encode(
 
     with load_engine(engine, device=device) as eng:
         summary = encode_folder(folder, eng, out, batch_size=batch_size, workers=workers, rebuild=rebuild,
-                                progress=None if not as_json else False)
+                                progress=None if not as_json else False, gpu_decode=gpu_decode)
     if as_json:
         _print_json(summary.to_dict())
         return
@@ -509,6 +514,7 @@ def bench_encode_cmd(
     workers: Annotated[int | None, typer.Option("--workers", min=0)] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
     device: DeviceOption = "auto",
+    gpu_decode: GpuDecodeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """End-to-end encode images/s with the time breakdown (decode wait, engine, pack, write)."""
@@ -517,7 +523,8 @@ def bench_encode_cmd(
     from .bench import bench_encode
 
     with load_engine(engine, device=device) as eng:
-        report = bench_encode(folder, eng, batch_size=batch_size, workers=workers, limit=limit)
+        report = bench_encode(folder, eng, batch_size=batch_size, workers=workers, limit=limit,
+                              gpu_decode=gpu_decode)
     if as_json:
         _print_json(report)
         return
@@ -525,6 +532,10 @@ def bench_encode_cmd(
                  f"images/s, {report['bytes_per_image']:.1f} bytes per indexed image", soft_wrap=True)
     for stage, seconds in report["timings"].items():
         stdout.print(f"  {stage:12s} {seconds:8.2f} s  {report['timing_fractions'].get(stage, 0):6.1%}", soft_wrap=True)
+    per_image = report["image_seconds"]
+    stdout.print(f"  per image, summed over {max(report['workers'], 1)} decoding process(es): decode "
+                 f"{per_image['decode'] / max(report['encoded'], 1) * 1e3:.1f} ms, resize+crop "
+                 f"{per_image['preprocess'] / max(report['encoded'], 1) * 1e3:.1f} ms", soft_wrap=True)
 
 
 def _fmt(value: Any) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from .bits import pack_codes
 from .errors import FghError
@@ -47,7 +48,11 @@ class EncodeSummary:
     skipped: list[dict] = field(default_factory=list)
     index_bytes: int = 0
     seconds: float = 0.0
+    # Wall time of this process by stage; decode_wait is what the decoding workers did not hide.
     timings: dict[str, float] = field(default_factory=dict)
+    # Per-image decode and resize time summed over every image, in whichever process did it:
+    # with N workers these run in parallel, so they can add up to N times the wall time.
+    image_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -72,7 +77,8 @@ def _default_workers() -> int:
 
 def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathLike, *,
                   batch_size: int = 64, workers: int | None = None, rebuild: bool = False,
-                  progress: bool | None = None, commit_seconds: float = COMMIT_SECONDS) -> EncodeSummary:
+                  progress: bool | None = None, commit_seconds: float = COMMIT_SECONDS,
+                  gpu_decode: bool | None = None) -> EncodeSummary:
     """Encode every image under ``folder`` into the index at ``out`` (created or resumed).
 
     Args:
@@ -84,6 +90,8 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
         rebuild: start the index from scratch instead of resuming it.
         progress: show a progress bar on stderr (default: only when stderr is a terminal).
         commit_seconds: commit appended rows at least this often (a kill loses at most that much work).
+        gpu_decode: decode JPEGs with nvJPEG on the engine's GPU instead of with Pillow in the
+            workers (default: when the engine runs on CUDA).
 
     Returns:
         An :class:`EncodeSummary`; images that could not be read are listed in ``skipped`` and in
@@ -91,9 +99,10 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
 
     Raises:
         FghError: missing folder, an index built by another model or from another folder
-            (without ``rebuild``), a damaged index.
+            (without ``rebuild``), a damaged index, ``gpu_decode`` with an engine not on CUDA.
     """
     start = time.perf_counter()
+    decode_device = _decode_device(engine, gpu_decode)
     root = Path(folder)
     out = Path(out)
     paths = list_images(root)
@@ -115,11 +124,21 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
         summary.reused = len(paths) - len(todo)
         _encode_into(index, engine, root, todo, stats, summary, batch_size,
                      _default_workers() if workers is None else workers,
-                     sys.stderr.isatty() if progress is None else progress, commit_seconds)
+                     sys.stderr.isatty() if progress is None else progress, commit_seconds, decode_device)
         summary.index_bytes = index.nbytes
     _write_skipped_log(out, summary.skipped)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _decode_device(engine: Engine, gpu_decode: bool | None) -> torch.device | None:
+    """Where JPEGs are decoded: the engine's CUDA device, or ``None`` for Pillow in the workers."""
+    device = getattr(engine, "device", None)
+    on_cuda = isinstance(device, torch.device) and device.type == "cuda"
+    if gpu_decode and not on_cuda:
+        raise FghError(f"{engine.path}: GPU decoding needs an engine on a CUDA device "
+                       f"(this {engine.kind} engine runs on {device or 'the CPU'})")
+    return device if on_cuda and gpu_decode is not False else None
 
 
 def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> CodeIndex:
@@ -140,13 +159,14 @@ def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> Code
 
 def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                  stats: dict[str, tuple[int, int]], summary: EncodeSummary, batch_size: int, workers: int,
-                 show_progress: bool, commit_seconds: float) -> None:
+                 show_progress: bool, commit_seconds: float, decode_device: torch.device | None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    timings = {"decode_wait": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
+    timings = {"decode_wait": 0.0, "gpu_decode": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
     loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=batch_size, num_workers=workers,
-                              pin_memory=str(getattr(engine, "device", "cpu")).startswith("cuda"))
+                              pin_memory=str(getattr(engine, "device", "cpu")).startswith("cuda"),
+                              jpeg_device=decode_device)
     columns = [TextColumn("encoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     progress = Progress(*columns, disable=not show_progress, transient=False,
@@ -184,7 +204,12 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
         t3 = time.perf_counter()
         index.commit()
         timings["write"] += time.perf_counter() - t3
+    # The loader decodes on the GPU while this loop waits for the next batch.
+    timings["gpu_decode"] = loader.device_decode_seconds
+    timings["decode_wait"] -= loader.device_decode_seconds
     summary.timings = {k: round(v, 4) for k, v in timings.items()}
+    summary.image_seconds = {"decode": round(loader.worker_decode_seconds, 4),
+                             "preprocess": round(loader.worker_preprocess_seconds, 4)}
 
 
 def _write_skipped_log(out: Path, skipped: list[dict]) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import struct
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -22,8 +23,9 @@ from typing import NamedTuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -37,10 +39,13 @@ __all__ = [
     "ImageBatchLoader",
     "ImageDecodeError",
     "ImageFileDataset",
+    "RawJpeg",
     "decode_image",
+    "decode_jpegs",
     "has_image_extension",
     "list_images",
     "load_image",
+    "read_plain_jpeg",
 ]
 
 StrPath = Union[str, os.PathLike[str]]
@@ -215,10 +220,84 @@ def load_image(path: StrPath, cfg: PreprocessConfig) -> torch.Tensor:
         ImageDecodeError: the file cannot be decoded (see :func:`decode_image`).
         FghError: ``cfg.interpolation`` is not one torchvision applies to tensors.
     """
-    interpolation = _interpolation(cfg.interpolation)
-    pixels = TF.pil_to_tensor(decode_image(path, min_size=cfg.resize_size))
-    pixels = TF.resize(pixels, [cfg.resize_size], interpolation=interpolation, antialias=True)
+    _interpolation(cfg.interpolation)
+    return _resize_crop(TF.pil_to_tensor(decode_image(path, min_size=cfg.resize_size)), cfg)
+
+
+def _resize_crop(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    """Resize the short side of a ``(3, H, W)`` uint8 image to ``cfg.resize_size``, center-crop ``cfg.input_size``."""
+    pixels = TF.resize(pixels, [cfg.resize_size], interpolation=_interpolation(cfg.interpolation), antialias=True)
     return TF.center_crop(pixels, [cfg.input_size, cfg.input_size])
+
+
+class RawJpeg(NamedTuple):
+    """A JPEG file's bytes, read by a worker for decoding on the device (see :class:`ImageBatchLoader`)."""
+
+    data: torch.Tensor
+    orientation: int
+
+
+# EXIF orientation → the tensor operation Pillow's exif_transpose applies ((C, H, W) layout).
+_ORIENT = {
+    2: lambda t: t.flip(-1),
+    3: lambda t: t.flip(-2, -1),
+    4: lambda t: t.flip(-2),
+    5: lambda t: t.transpose(-2, -1),
+    6: lambda t: t.rot90(-1, (-2, -1)),
+    7: lambda t: t.transpose(-2, -1).flip(-2, -1),
+    8: lambda t: t.rot90(1, (-2, -1)),
+}
+
+
+def read_plain_jpeg(path: StrPath) -> RawJpeg | None:
+    """The bytes and EXIF orientation of a JPEG that :func:`decode_jpeg` turns into the same
+    RGB pixels as :func:`decode_image`; ``None`` for anything else (other formats, CMYK, files
+    Pillow cannot even open), which then takes the Pillow path and its error messages.
+
+    Only the header is parsed, so a decompression bomb is refused here without decoding. A
+    file that does not end with the JPEG end marker takes the Pillow path too.
+    """
+    try:
+        _check_readable_file(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as fp, Image.open(fp) as im:
+                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                    return None
+                orientation = int(im.getexif().get(ExifTags.Base.Orientation, 1))
+                fp.seek(0)
+                data = fp.read()
+    except Exception:  # noqa: BLE001 - the Pillow path reports why
+        return None
+    if not data.endswith(b"\xff\xd9"):
+        # Truncated (or trailing bytes): Pillow refuses a truncated file, where a device
+        # decoder might return the part it got.
+        return None
+    return RawJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation)
+
+
+def decode_jpegs(raw: Sequence[RawJpeg], device: torch.device | str) -> list[torch.Tensor | None]:
+    """Decode JPEG bytes on ``device`` (nvJPEG on CUDA) into upright RGB ``(3, H, W)`` uint8 tensors.
+
+    One batched call; if it fails (one bad file fails the whole call), each file is decoded
+    alone and the ones that still fail come back as ``None``.
+    """
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency
+        # of ours); they still work as documented.
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+        try:
+            images: list[torch.Tensor | None] = list(
+                decode_jpeg([r.data for r in raw], mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            images = []
+            for r in raw:
+                try:
+                    images.append(decode_jpeg(r.data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(None)
+    return [None if image is None else _ORIENT.get(r.orientation, lambda t: t)(image)
+            for image, r in zip(images, raw)]
 
 
 def list_images(root: StrPath) -> list[str]:
@@ -333,36 +412,83 @@ class ImageFileDataset(Dataset):
         paths: image paths, relative to ``root`` when it is given.
         cfg: preprocessing settings.
         root: folder the paths are relative to (``None``: use paths as they are).
+        raw_jpegs: return plain JPEGs undecoded, as :class:`RawJpeg`, for decoding on a device.
     """
 
-    def __init__(self, paths: Sequence[StrPath], cfg: PreprocessConfig, root: StrPath | None = None) -> None:
+    def __init__(self, paths: Sequence[StrPath], cfg: PreprocessConfig, root: StrPath | None = None,
+                 raw_jpegs: bool = False) -> None:
         self.paths = [os.fspath(p) for p in paths]
         self.cfg = cfg
         self.root = None if root is None else os.fspath(root)
+        self.raw_jpegs = raw_jpegs
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        """Return ``(index, image, None)``, or ``(index, None, reason)`` if it failed."""
-        path = self.paths[index] if self.root is None else os.path.join(self.root, self.paths[index])
-        try:
-            return index, load_image(path, self.cfg), None
-        except ImageDecodeError as exc:
-            return index, None, exc.reason
-        except Exception as exc:  # noqa: BLE001 - one odd file must not end a long encode run
-            return index, None, f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+    def path(self, index: int) -> str:
+        return self.paths[index] if self.root is None else os.path.join(self.root, self.paths[index])
+
+    def __getitem__(self, index: int) -> _Item:
+        """The image (or :class:`RawJpeg`) at ``index``, or why it failed, with the time it took."""
+        path = self.path(index)
+        start = time.perf_counter()
+        if self.raw_jpegs and (raw := read_plain_jpeg(path)) is not None:
+            return _Item(index, raw, None, time.perf_counter() - start, 0.0)
+        return _load_timed(index, path, self.cfg)
 
 
-def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]], input_size: int) -> ImageBatch:
-    indices = [index for index, image, _ in samples if image is not None]
-    images = [image for _, image, _ in samples if image is not None]
-    failures = [DecodeFailure(index, reason) for index, image, reason in samples if image is None]
+class _Item(NamedTuple):
+    """One dataset entry: exactly one of ``image`` and ``reason`` is set."""
+
+    index: int
+    image: torch.Tensor | RawJpeg | None
+    reason: str | None
+    decode_seconds: float
+    preprocess_seconds: float
+
+
+def _load_timed(index: int, path: str, cfg: PreprocessConfig) -> _Item:
+    """:func:`load_image` that reports a failure instead of raising, timing decode and resize apart."""
+    start = time.perf_counter()
+    try:
+        decoded = TF.pil_to_tensor(decode_image(path, min_size=cfg.resize_size))
+        middle = time.perf_counter()
+        return _Item(index, _resize_crop(decoded, cfg), None, middle - start, time.perf_counter() - middle)
+    except ImageDecodeError as exc:
+        reason = exc.reason
+    except Exception as exc:  # noqa: BLE001 - one odd file must not end a long encode run
+        reason = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+    return _Item(index, None, reason, time.perf_counter() - start, 0.0)
+
+
+def _stack(images: list[torch.Tensor], input_size: int) -> torch.Tensor:
     if images:
-        stacked = torch.stack(images)
-    else:  # keep the batch shape well-defined when every image failed
-        stacked = torch.empty((0, 3, input_size, input_size), dtype=torch.uint8)
-    return ImageBatch(indices, stacked, failures)
+        return torch.stack(images)
+    # Keep the batch shape well-defined when every image failed.
+    return torch.empty((0, 3, input_size, input_size), dtype=torch.uint8)
+
+
+def _collate(items: list[_Item], input_size: int) -> _Collated:
+    decoded = [item for item in items if isinstance(item.image, torch.Tensor)]
+    return _Collated(
+        [item.index for item in decoded],
+        _stack([item.image for item in decoded], input_size),
+        [DecodeFailure(item.index, item.reason) for item in items if item.image is None],
+        [(item.index, item.image) for item in items if isinstance(item.image, RawJpeg)],
+        sum(item.decode_seconds for item in items),
+        sum(item.preprocess_seconds for item in items),
+    )
+
+
+class _Collated(NamedTuple):
+    """A worker's batch: decoded images, failures, and JPEGs left for the device."""
+
+    indices: list[int]
+    images: torch.Tensor
+    failures: list[DecodeFailure]
+    raw: list[tuple[int, RawJpeg]]
+    decode_seconds: float
+    preprocess_seconds: float
 
 
 class ImageBatchLoader:
@@ -372,6 +498,12 @@ class ImageBatchLoader:
     decoded in worker processes while the caller runs the model on the previous batch.
     Files that fail are dropped from their batch and reported in ``failures``; they never
     stop the iteration.
+
+    With ``jpeg_device`` set, workers only read plain JPEG files (RGB or grayscale) and
+    their EXIF orientation; the calling process decodes each batch of them in one call on
+    that device (nvJPEG on CUDA), then resizes and crops there. Other files, and JPEGs the
+    device decoder rejects, take the Pillow path. Pillow may decode a large JPEG at a reduced
+    DCT scale where nvJPEG decodes it whole, so the two paths can differ by a few pixel levels.
 
     Args:
         paths: image paths, relative to ``root`` when it is given (e.g. from :func:`list_images`).
@@ -383,6 +515,15 @@ class ImageBatchLoader:
             without CUDA).
         multiprocessing_context: worker start method (``"fork"``, ``"spawn"``,
             ``"forkserver"``) or ``None`` for the platform default.
+        jpeg_device: decode JPEGs on this device in the calling process; batches are then
+            on that device. ``None``: every image is decoded by Pillow in the workers.
+
+    Attributes:
+        device_decode_seconds: time the calling process spent decoding and resizing on
+            ``jpeg_device`` so far.
+        worker_decode_seconds: decoding time summed over the images loaded so far (reading
+            the bytes, for JPEGs left to the device), in whichever process decoded them.
+        worker_preprocess_seconds: the same for resizing and cropping.
 
     Raises:
         ValueError: ``batch_size`` < 1 or ``num_workers`` < 0.
@@ -399,13 +540,19 @@ class ImageBatchLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        jpeg_device: torch.device | str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         _interpolation(cfg.interpolation)  # fail once here, not once per image in the workers
-        self.dataset = ImageFileDataset(paths, cfg, root)
+        self.cfg = cfg
+        self.jpeg_device = None if jpeg_device is None else torch.device(jpeg_device)
+        self.device_decode_seconds = 0.0
+        self.worker_decode_seconds = 0.0
+        self.worker_preprocess_seconds = 0.0
+        self.dataset = ImageFileDataset(paths, cfg, root, raw_jpegs=self.jpeg_device is not None)
         self._loader = DataLoader(
             self.dataset,
             batch_size=batch_size,
@@ -423,4 +570,35 @@ class ImageBatchLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[ImageBatch]:
-        return iter(self._loader)
+        for batch in self._loader:
+            self.worker_decode_seconds += batch.decode_seconds
+            self.worker_preprocess_seconds += batch.preprocess_seconds
+            if self.jpeg_device is None:
+                yield ImageBatch(batch.indices, batch.images, batch.failures)
+            else:
+                start = time.perf_counter()
+                merged = self._decode_on_device(batch)
+                self.device_decode_seconds += time.perf_counter() - start
+                yield merged
+
+    def _decode_on_device(self, batch: _Collated) -> ImageBatch:
+        """Decode the batch's raw JPEGs on the device and merge them into input order."""
+        device = self.jpeg_device
+        done = {index: image.to(device, non_blocking=True) for index, image in zip(batch.indices, batch.images)}
+        failures = list(batch.failures)
+        if batch.raw:
+            for (index, _), image in zip(batch.raw, decode_jpegs([raw for _, raw in batch.raw], device)):
+                if image is not None:
+                    done[index] = _resize_crop(image, self.cfg)
+                    continue
+                # The device decoder refused it: Pillow either decodes it or says why.
+                item = _load_timed(index, self.dataset.path(index), self.cfg)
+                if item.image is None:
+                    failures.append(DecodeFailure(index, item.reason))
+                else:
+                    done[index] = item.image.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so device_decode_seconds is the decode's, not the engine's
+        indices = sorted(done)
+        return ImageBatch(indices, _stack([done[i] for i in indices], self.cfg.input_size).to(device),
+                          sorted(failures))

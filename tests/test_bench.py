@@ -116,7 +116,8 @@ def test_bench_encode_smoke(engine, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     json.dumps(report)
     assert report["benchmark"] == "encode" and report["batch_size"] == 4 and report["workers"] == 0
     assert report["images"] == 6 and report["encoded"] == 5 and report["skipped"] == 1
-    assert set(report["timings"]) == {"decode_wait", "engine", "pack", "write", "other"}
+    assert set(report["timings"]) == {"decode_wait", "gpu_decode", "engine", "pack", "write", "other"}
+    assert set(report["image_seconds"]) == {"decode", "preprocess"}
     assert set(report["timing_fractions"]) == set(report["timings"])
     assert report["index_bytes"] > 0 and report["bytes_per_image"] == report["index_bytes"] / 5
     assert list(scratch.iterdir()) == []  # the temporary index and links are gone

@@ -199,3 +199,27 @@ def test_query_errors_are_one_line(folder: Path, model_path: Path, tmp_path: Pat
     proc = _cli("query", str(folder / "bad" / "text.jpg"), "--index", str(tmp_path / "nope"))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "nope" in err
+
+
+def test_gpu_decode_needs_an_engine_on_cuda(folder: Path, model_path: Path, tmp_path: Path) -> None:
+    with load_engine(model_path, device="cpu") as engine:
+        with pytest.raises(fgh.FghError, match=r"adsh24\.pt: GPU decoding needs an engine on a CUDA device"):
+            encode_folder(folder, engine, tmp_path / "idx", progress=False, workers=0, gpu_decode=True)
+    assert not (tmp_path / "idx").exists()
+    summary = _encode(folder, model_path, tmp_path / "idx", gpu_decode=False)
+    assert summary.encoded == 24 and summary.timings["gpu_decode"] == 0
+    assert summary.image_seconds["decode"] > 0 and summary.image_seconds["preprocess"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_gpu_decode_codes_agree_with_pillow_decode(folder: Path, model_path: Path, tmp_path: Path) -> None:
+    with load_engine(model_path, device="cuda") as engine:
+        gpu = encode_folder(folder, engine, tmp_path / "gpu", progress=False, workers=2)
+        cpu = encode_folder(folder, engine, tmp_path / "cpu", progress=False, workers=2, gpu_decode=False)
+    assert gpu.timings["gpu_decode"] > 0 and cpu.timings["gpu_decode"] == 0
+    assert [s["path"] for s in gpu.skipped] == [s["path"] for s in cpu.skipped]
+    with CodeIndex.open(tmp_path / "gpu") as a, CodeIndex.open(tmp_path / "cpu") as b:
+        assert a.all_paths() == b.all_paths()
+        bits_a = np.unpackbits(np.asarray(a.codes), axis=1)
+        bits_b = np.unpackbits(np.asarray(b.codes), axis=1)
+        assert (bits_a == bits_b).mean() > 0.97

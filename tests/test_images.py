@@ -26,9 +26,11 @@ from fgh_deploy.images import (
     ImageBatchLoader,
     ImageDecodeError,
     decode_image,
+    decode_jpegs,
     has_image_extension,
     list_images,
     load_image,
+    read_plain_jpeg,
 )
 
 CUB100 = Path("/work/shared/data/cub100")
@@ -472,6 +474,94 @@ def test_batch_loader_absolute_paths_and_argument_checks(tmp_path: Path) -> None
     with pytest.raises(FghError, match="interpolation"):
         ImageBatchLoader(paths, PreprocessConfig(interpolation="box"))
     assert list(ImageBatchLoader([], SMALL)) == []
+
+
+# --------------------------------------------------------------------------- JPEGs decoded on a device
+# The CUDA path (nvJPEG) is the same code with device="cuda"; on CPU torchvision decodes with
+# libjpeg-turbo, as Pillow does, so the two paths must agree pixel for pixel here.
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decode_applies_exif_orientation_like_pillow(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.jpg"
+    _noise(48, 32, seed=orientation).save(path, exif=exif.tobytes(), quality=90)
+    raw = read_plain_jpeg(path)
+    assert raw is not None and raw.orientation == orientation
+    (image,) = decode_jpegs([raw], "cpu")
+    expected = TF.pil_to_tensor(decode_image(path))
+    assert image.shape == expected.shape
+    assert torch.equal(image, expected)
+
+
+def test_read_plain_jpeg_leaves_everything_else_to_pillow(tmp_path: Path) -> None:
+    gray = tmp_path / "gray.jpg"
+    Image.new("L", (20, 10), 90).save(gray)
+    assert read_plain_jpeg(gray) is not None
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(cmyk)
+    png = _solid(tmp_path / "a.png", (1, 2, 3))
+    truncated = tmp_path / "truncated.jpg"
+    _noise(64, 64).save(tmp_path / "whole.jpg", quality=90)
+    truncated.write_bytes((tmp_path / "whole.jpg").read_bytes()[:-300])
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    for path in (cmyk, png, truncated, text, tmp_path / "missing.jpg"):
+        assert read_plain_jpeg(path) is None, path
+
+
+def test_decode_jpegs_isolates_a_file_the_decoder_rejects(tmp_path: Path) -> None:
+    good = read_plain_jpeg(_solid(tmp_path / "good.jpg", (200, 30, 30), quality=95))
+    assert good is not None
+    corrupt = good._replace(data=torch.cat([good.data[:40], torch.zeros(200, dtype=torch.uint8), good.data[-2:]]))
+    decoded = decode_jpegs([good, corrupt, good], "cpu")
+    assert decoded[1] is None
+    assert decoded[0] is not None and torch.equal(decoded[0], decoded[2])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batch_loader_device_decode_matches_pillow_path(tmp_path: Path, num_workers: int) -> None:
+    names, bad = _loader_inputs(tmp_path)
+    for i in range(3):  # plain JPEGs (one rotated, one grayscale) among the PNGs and failures
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i == 1 else 1
+        image = _noise(70 + 9 * i, 50, seed=i)
+        (image.convert("L") if i == 2 else image).save(tmp_path / f"j{i}.jpg", exif=exif.tobytes(), quality=90)
+        names.append(f"j{i}.jpg")
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    names.append("cmyk.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "j0.jpg").read_bytes()[:-200])
+    names += ["cut.jpg"]
+    cfg = PreprocessConfig(input_size=32, resize_size=40)
+
+    def run(**kwargs: object) -> tuple[list[int], torch.Tensor, list[DecodeFailure], ImageBatchLoader]:
+        loader = ImageBatchLoader(names, cfg, root=tmp_path, batch_size=5, num_workers=num_workers, **kwargs)
+        batches = list(loader)
+        return ([i for b in batches for i in b.indices], torch.cat([b.images for b in batches]),
+                [f for b in batches for f in b.failures], loader)
+
+    indices, images, failures, pillow = run()
+    device_indices, device_images, device_failures, device = run(jpeg_device="cpu")
+    assert device_indices == indices
+    assert device_failures == failures
+    assert [f.index for f in failures] == sorted([*bad, len(names) - 1])
+    assert torch.equal(device_images, images)
+    assert device.device_decode_seconds > 0 and pillow.device_decode_seconds == 0
+    assert pillow.worker_decode_seconds > 0 and pillow.worker_preprocess_seconds > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+@pytest.mark.skipif(not CUB100.is_dir(), reason=f"{CUB100} not present")
+def test_nvjpeg_matches_pillow_on_real_photos() -> None:
+    names = list_images(CUB100)[:32]
+    cfg = PreprocessConfig()
+    (cpu,) = list(ImageBatchLoader(names, cfg, root=CUB100, batch_size=32))
+    (gpu,) = list(ImageBatchLoader(names, cfg, root=CUB100, batch_size=32, jpeg_device="cuda"))
+    assert gpu.indices == cpu.indices and gpu.images.is_cuda
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels.
+    difference = (gpu.images.cpu().int() - cpu.images.int()).abs().float()
+    assert difference.mean() < 2.0, difference.mean()
 
 
 # --------------------------------------------------------------------------- real photos
