@@ -45,7 +45,6 @@ A CUDA path (``device="cuda"``) uses torch and the ±1 matrix-product identity
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -54,7 +53,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.errors import BackendUnavailableError, FghError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,8 @@ class HammingSearcher:
             BackendUnavailableError: a CUDA device was asked for but torch CUDA is unusable.
         """
         db = _as_packed(database, "database", allow_single=False)
-        self._chunk_size = _check_int(chunk_size, "chunk_size", minimum=1)
-        self.threads = _available_cpus() if threads is None else _check_int(threads, "threads", minimum=1)
+        self._chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
+        self.threads = _available_cpus() if threads is None else check_int(threads, "threads", minimum=1)
         self.ntotal, self.code_size = db.shape
         self._max_distance = 8 * self.code_size
         # The narrowest accumulator no distance overflows: uint8 up to 255 bits halves the
@@ -164,7 +163,7 @@ class HammingSearcher:
         Raises:
             FghError: Bad ``queries`` (dtype, ndim, width) or ``k`` < 1.
         """
-        k = _check_int(k, "k", minimum=1)
+        k = check_int(k, "k", minimum=1)
         queries = self._check_queries(queries)
         if self._gpu is not None:
             return self._gpu.search(queries, k)
@@ -195,7 +194,7 @@ class HammingSearcher:
         Raises:
             FghError: Bad ``queries`` (dtype, ndim, width) or ``radius`` < 0.
         """
-        radius = _check_int(radius, "radius", minimum=0)
+        radius = check_int(radius, "radius", minimum=0)
         queries = self._check_queries(queries)
         nq = len(queries)
         # Every distance is <= max_distance; clamping keeps the bound in the accumulator dtype.
@@ -779,14 +778,3 @@ def _as_packed(codes: Any, name: str, *, allow_single: bool) -> np.ndarray:
     if arr.shape[1] == 0:
         raise FghError(f"{name} have 0 bytes per code")
     return arr
-
-
-def _check_int(value: Any, name: str, *, minimum: int) -> int:
-    """Return ``value`` as an int ≥ ``minimum``, or raise FghError."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise FghError(f"{name} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise FghError(f"{name} must be at least {minimum}, got {number}")
-    return number

@@ -36,7 +36,6 @@ stays bounded for any database size.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -44,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fgh_deploy.bits import pack_codes
-from fgh_deploy.errors import FghError
+from fgh_deploy.errors import FghError, check_int
 from fgh_deploy.search import HammingSearcher
 
 TIE_RULES = ("index", "random", "expected", "best", "worst")
@@ -266,7 +265,7 @@ def precision_within_radius(
         ValueError: Bad inputs or ``radius`` < 0.
     """
     ctx = _Context(q_codes, q_labels, db_codes, db_labels)
-    radius = _check_int(radius, "radius", minimum=0)
+    radius = check_int(radius, "radius", minimum=0, error=ValueError)
     precision, empty = 0.0, 0
     for chunk in ctx.chunks():
         chunk_precision, chunk_empty = chunk.radius_precision(radius)
@@ -319,7 +318,7 @@ def evaluate_retrieval(
     """
     _check_ties(ties)
     ctx = _Context(q_codes, q_labels, db_codes, db_labels, seed=seed)
-    radius = _check_int(radius, "radius", minimum=0)
+    radius = check_int(radius, "radius", minimum=0, error=ValueError)
     cutoffs = {k: ctx.cutoff(k) for k in topks}
     all_rules = ["index", "expected", "best", "worst"] + (["random"] if ties == "random" else [])
 
@@ -378,7 +377,7 @@ class _Context:
             q_labels, db_labels, self.num_queries, self.num_database
         )
         self.num_groups = 8 * self.searcher.code_size + 1
-        self.seed = _check_int(seed, "seed", minimum=0)
+        self.seed = check_int(seed, "seed", minimum=0, error=ValueError)
         counts = np.arange(1, self.num_database + 1, dtype=np.float64)
         # H[i] = 1 + 1/2 + ... + 1/i and log(i!) for i = 0..nd: every closed form below
         # indexes them with item counts, which never exceed nd.
@@ -394,7 +393,7 @@ class _Context:
         """Items kept per ranking: ``topk`` clamped to the database size, ``None`` = all."""
         if topk is None:
             return self.num_database
-        return min(_check_int(topk, "topk", minimum=1), self.num_database)
+        return min(check_int(topk, "topk", minimum=1, error=ValueError), self.num_database)
 
     def chunks(self) -> Iterator[_Chunk]:
         """Distances and relevance for consecutive blocks of queries."""
@@ -803,14 +802,3 @@ def _check_ties(ties: str) -> None:
     """Raise ValueError unless ``ties`` is one of :data:`TIE_RULES`."""
     if ties not in TIE_RULES:
         raise ValueError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIE_RULES)}")
-
-
-def _check_int(value: Any, name: str, *, minimum: int) -> int:
-    """Return ``value`` as an int ≥ ``minimum``, or raise ValueError."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {number}")
-    return number
