@@ -20,7 +20,8 @@ from train.config import make_config
 from train.dcc import sign_plus, update_database_codes
 from train.evaluate import evaluate_checkpoint
 from train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
-from train.trainer import BEST, LAST, METRICS, train
+from train import trainer as trainer_module
+from train.trainer import BEST, LAST, METRICS, distinct_codes, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,3 +224,31 @@ def test_a_tiny_cpu_run_learns_well_above_chance(tiny_data: Path, tmp_path: Path
     asym = report["protocols"]["asymmetric"]
     print(f"\ntiny run: mAP {asym['map@all/index']:.3f} vs chance {asym['chance_map@all']:.3f}")
     assert asym["map@all/expected"] > asym["chance_map@all"] + 0.25
+
+
+def test_distinct_codes_counts_sign_patterns() -> None:
+    codes = torch.tensor([[0.3, -0.2, 0.0], [0.9, -0.9, 0.5], [-0.1, 0.2, 0.3], [0.0, -1.0, 1.0]])
+    assert distinct_codes(codes) == 2  # rows 0, 1 and 3 share the signs (+, -, +)
+    assert distinct_codes(torch.zeros(5, 8)) == 1
+
+
+def test_collapsed_codes_are_reported(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    # The network stands in for one that collapsed: every validation image gets the same code.
+    monkeypatch.setattr(trainer_module, "encode_samples",
+                        lambda model, samples, *args, **kwargs: torch.full((len(samples), 12), 0.5))
+    with caplog.at_level("WARNING", logger="train.trainer"):
+        train(_config(tiny_data, tmp_path / "run", model="adsh", iterations=1, lr=0.5), progress=False)
+    record = json.loads((tmp_path / "run" / METRICS).read_text().splitlines()[-1])
+    assert record["distinct_codes"] == 1
+    assert "only 1 distinct code(s): the codes have collapsed" in caplog.text
+    assert "--lr (this run: 0.5)" in caplog.text
+
+
+def test_fast_preset_learning_rate_per_model(tmp_path: Path) -> None:
+    def lr(model: str, **overrides) -> float:
+        return make_config("fast", data="d", model=model, bits=32, out=str(tmp_path), **overrides).lr
+
+    assert lr("agmh") == 1e-3  # 1e-2 collapsed AGMH's codes on cub100
+    assert lr("adsh") == lr("semicon") == lr("a2net") == 1e-2
+    assert lr("agmh", lr=5e-3) == 5e-3

@@ -85,6 +85,11 @@ class _SeededShuffle(Sampler[int]):
         return self.n
 
 
+def distinct_codes(codes: torch.Tensor) -> int:
+    """How many different binary codes (signs, u >= 0 → 1) a batch of real-valued codes holds."""
+    return len(torch.unique(codes >= 0, dim=0))
+
+
 def _iteration_seed(seed: int, iteration: int, epoch: int = 0) -> int:
     return (seed * 1_000_003 + iteration * 1_009 + epoch) % (2**63)
 
@@ -342,7 +347,13 @@ class Trainer:
         db_labels = torch.tensor([s.label for s in self.train_db])
         score = mean_average_precision(query_codes.numpy(), query_labels.numpy(), self.codes.numpy(),
                                        db_labels.numpy(), ties="index")
-        return {"map": float(score), "map_split": split}
+        distinct = distinct_codes(query_codes)
+        if distinct <= max(1, len(queries) // 100):
+            # A collapse does not recover by itself: every image pushes the one shared code the same way.
+            log.warning("the %d %s images get only %d distinct code(s): the codes have collapsed and mAP is at "
+                        "chance; train again with a lower --lr (this run: %g)", len(queries), split.split(" ")[0],
+                        distinct, cfg.lr)
+        return {"map": float(score), "map_split": split, "distinct_codes": distinct}
 
     def _save(self, path: Path, iteration: int, *, with_state: bool) -> None:
         model = self.model
