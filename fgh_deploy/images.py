@@ -220,7 +220,6 @@ def load_image(path: StrPath, cfg: PreprocessConfig) -> torch.Tensor:
         ImageDecodeError: the file cannot be decoded (see :func:`decode_image`).
         FghError: ``cfg.interpolation`` is not one torchvision applies to tensors.
     """
-    _interpolation(cfg.interpolation)
     return _resize_crop(TF.pil_to_tensor(decode_image(path, min_size=cfg.resize_size)), cfg)
 
 
