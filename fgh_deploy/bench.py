@@ -46,6 +46,7 @@ def bench_search(
     seed: int = 0,
     compare_faiss: bool = True,
     threads: int | None = None,
+    device: str = "cpu",
     smoke: bool = False,
 ) -> dict[str, Any]:
     """Time exact k-NN over ``n`` random ``bits``-bit codes, ours against FAISS ``IndexBinaryFlat``.
@@ -68,6 +69,8 @@ def bench_search(
         compare_faiss: Also time FAISS when ``import faiss`` works (``faiss-cpu``).
         threads: Threads for both libraries; None leaves each at its default (ours: the CPUs
             this process may use; FAISS: its OpenMP default).
+        device: Where ours searches: ``cpu``, or ``cuda[:N]`` (timed to the results on the
+            host, as a caller gets them). FAISS always runs on the CPU.
         smoke: At most 10,000 codes, batches of at most 8 queries, one timed call.
 
     Returns:
@@ -97,8 +100,9 @@ def bench_search(
     log.info("search benchmark: %d codes of %d bits, batches %s, k=%d", n, bits, list(queries), k)
 
     start = time.perf_counter()
-    searcher = HammingSearcher(database, threads=threads)
+    searcher = HammingSearcher(database, threads=threads, device=device)
     ours_info = {
+        "device": searcher.device,
         "threads": searcher.threads,
         "layout": searcher.layout,
         "build_seconds": time.perf_counter() - start,

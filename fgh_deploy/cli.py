@@ -94,6 +94,8 @@ EngineOption = Annotated[Path, typer.Option(
     "--engine", "--model", "-m", help="Engine or checkpoint: .pt (PyTorch), .onnx (ONNX Runtime), .engine (TensorRT).",
     dir_okay=False)]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (PyTorch engines).")]
+SearchDeviceOption = Annotated[str, typer.Option(
+    "--search-device", help="Where the Hamming search runs: cpu, or cuda[:N] (codes copied to the GPU).")]
 GpuDecodeOption = Annotated[bool | None, typer.Option(
     "--gpu-decode/--cpu-decode",
     help="Decode JPEGs with nvJPEG on the engine's GPU, or with Pillow in the workers (default: GPU when the "
@@ -163,6 +165,7 @@ def query(
     radius: Annotated[int | None, typer.Option("--radius", "-r", min=0, help="All hits within this distance (capped at --top-k).")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with thumbnails.")] = None,
     device: DeviceOption = "auto",
+    search_device: SearchDeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
     """Find the nearest images by exact Hamming distance (ties: database order)."""
@@ -172,7 +175,7 @@ def query(
     from .query import TIE_RULE, default_engine_path, search_images
 
     with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device) as eng:
-        results = search_images(idx, eng, images, top_k=top_k, radius=radius)
+        results = search_images(idx, eng, images, top_k=top_k, radius=radius, search_device=search_device)
         bits, total = idx.bits, len(idx)
         if html is not None:
             from .report import write_html_report
@@ -479,17 +482,18 @@ def bench_search_cmd(
     k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 10,
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Threads for both libraries.")] = None,
+    search_device: SearchDeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
     """Exact k-NN codes/s and latency, ours vs FAISS IndexBinaryFlat (when faiss is installed), same run."""
     from .bench import bench_search
 
-    reports = [bench_search(n, b, queries=_int_list(queries, "--queries"), k=k, repeats=repeats, threads=threads)
-               for b in _int_list(bits, "--bits")]
+    reports = [bench_search(n, b, queries=_int_list(queries, "--queries"), k=k, repeats=repeats, threads=threads,
+                            device=search_device) for b in _int_list(bits, "--bits")]
     if as_json:
         _print_json({"schema_version": 1, "benchmark": "search", "reports": reports})
         return
-    stdout.print(f"fgh bench search: {n:,} random codes, k={k}", soft_wrap=True)
+    stdout.print(f"fgh bench search: {n:,} random codes, k={k}, ours on {search_device}", soft_wrap=True)
     table = Table()
     for column in ("bits", "queries", "ours ms/query", "ours Mcodes/s", "FAISS Mcodes/s", "speed-up", "same results"):
         table.add_column(column, justify="right")

@@ -510,19 +510,23 @@ class CodeIndex:
 
     # --------------------------------------------------------------- searching
 
-    def searcher(self) -> HammingSearcher:
-        """A :class:`~fgh_deploy.search.HammingSearcher` over the committed codes (cached)."""
-        if self._searcher is None:
-            self._searcher = HammingSearcher(self.codes)
+    def searcher(self, device: str = "cpu") -> HammingSearcher:
+        """A :class:`~fgh_deploy.search.HammingSearcher` over the committed codes on ``device``.
+
+        Cached until the next commit; asking for another device builds a new one.
+        """
+        if self._searcher is None or self._searcher.device != device:
+            self._searcher = HammingSearcher(self.codes, device=device)
         return self._searcher
 
-    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """Exact Hamming k-NN, ``(D, I)`` as in :meth:`HammingSearcher.search`; ``I`` are rows."""
-        return self.searcher().search(queries, k)
+        return self.searcher(device).search(queries, k)
 
-    def range_search(self, queries: Any, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def range_search(self, queries: Any, radius: int, *,
+                     device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Codes within ``radius``, ``(lims, D, I)`` as in :meth:`HammingSearcher.range_search`."""
-        return self.searcher().range_search(queries, radius)
+        return self.searcher(device).range_search(queries, radius)
 
     # ------------------------------------------------------------------ closing
 

@@ -58,7 +58,7 @@ def _hits(index: CodeIndex, distances: np.ndarray, rows: np.ndarray) -> list[Hit
 
 
 def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
-                 radius: int | None = None) -> list[list[Hit]]:
+                 radius: int | None = None, device: str = "cpu") -> list[list[Hit]]:
     """Search the index with float codes (signed with u ≥ 0 → 1) or packed uint8 codes.
 
     Args:
@@ -67,6 +67,7 @@ def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
         top_k: neighbours per query; with ``radius``, the cap on hits per query (None: no cap
             is not allowed for k-NN).
         radius: if given, return every item with distance ≤ radius (sorted), capped at ``top_k``.
+        device: where the search runs: ``cpu``, or ``cuda[:N]`` (the codes are copied to the GPU).
 
     Returns:
         One list of :class:`Hit` per query.
@@ -74,9 +75,9 @@ def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
     codes = np.asarray(codes)
     packed = codes if codes.dtype == np.uint8 else pack_codes(codes, bits=index.bits)
     if radius is None:
-        distances, rows = index.search(packed, top_k)
+        distances, rows = index.search(packed, top_k, device=device)
         return [_hits(index, distances[i], rows[i]) for i in range(len(packed))]
-    lims, distances, rows = index.range_search(packed, radius)
+    lims, distances, rows = index.range_search(packed, radius, device=device)
     return [_hits(index, distances[lims[i]:lims[i + 1]][:top_k], rows[lims[i]:lims[i + 1]][:top_k])
             for i in range(len(packed))]
 
@@ -90,15 +91,15 @@ def check_engine_matches(index: CodeIndex, engine: Engine) -> None:
 
 
 def search_images(index: CodeIndex, engine: Engine, images: Sequence[str | os.PathLike], *,
-                  top_k: int = 10, radius: int | None = None) -> list[QueryResult]:
-    """Encode query images with ``engine`` and search ``index``.
+                  top_k: int = 10, radius: int | None = None, search_device: str = "cpu") -> list[QueryResult]:
+    """Encode query images with ``engine`` and search ``index`` on ``search_device`` (see :func:`search_codes`).
 
     Raises:
         FghError: an unreadable query image (named), or an engine that does not match the index.
     """
     check_engine_matches(index, engine)
     batch = torch.stack([load_image(path, engine.preprocess) for path in images])
-    hits = search_codes(index, engine.encode(batch), top_k=top_k, radius=radius)
+    hits = search_codes(index, engine.encode(batch), top_k=top_k, radius=radius, device=search_device)
     return [QueryResult(str(path), h) for path, h in zip(images, hits)]
 
 

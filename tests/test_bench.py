@@ -25,15 +25,20 @@ def _faiss():
     return faiss
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("bits", [32, 33, 128])
-def test_bench_search_smoke(bits: int) -> None:
-    report = bench.bench_search(200_000, bits, queries=(1, 64), k=5, smoke=True)
+def test_bench_search_smoke(bits: int, device: str) -> None:
+    report = bench.bench_search(200_000, bits, queries=(1, 64), k=5, device=device, smoke=True)
     json.dumps(report)
     assert report["benchmark"] == "search" and report["n"] == 10_000 and report["bits"] == bits
     assert report["code_size"] == (bits + 7) // 8
     ours = report["ours"]
     assert ours["index_bytes"] == report["n"] * ours["bytes_per_code"]
-    assert ours["layout"] and ours["threads"] >= 1
+    assert ours["device"] == device and ours["threads"] >= 1
+    assert bool(ours["layout"]) == (device == "cpu")  # the GPU holds ±1 values, not word columns
     assert [r["queries"] for r in report["results"]] == [1, 8]
     for entry in report["results"]:
         assert entry["matches_reference"] is True

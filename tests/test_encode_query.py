@@ -190,6 +190,38 @@ def test_search_by_code_equals_code_to_code_search(folder: Path, model_path: Pat
             assert len(h) == int((distances[q] <= 3).sum()) or len(h) > 6
 
 
+def _query_json(folder: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    queries = sorted(p for p in folder.glob("*/*.jpg") if p.parent.name != "bad")[:2]
+    return subprocess.run([sys.executable, "-m", "fgh_deploy.cli", "query", *map(str, queries), "--index",
+                           str(tmp_path / "idx"), "--top-k", "30", "--radius", "12", "--json", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_query_on_a_cuda_search_device_without_cuda_is_a_clear_error(folder: Path, model_path: Path,
+                                                                     tmp_path: Path) -> None:
+    _encode(folder, model_path, tmp_path / "idx")
+    proc = _query_json(folder, tmp_path, "--search-device", "cuda")
+    assert proc.returncode == 3 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fgh: error: device 'cuda' requested but CUDA is not available here")
+    proc = _query_json(folder, tmp_path, "--search-device", "gpu")
+    assert proc.returncode == 1 and "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_query_on_the_gpu_equals_query_on_the_cpu(folder: Path, model_path: Path, tmp_path: Path) -> None:
+    _encode(folder, model_path, tmp_path / "idx")
+    cpu, gpu = (_query_json(folder, tmp_path, "--search-device", d) for d in ("cpu", "cuda"))
+    assert cpu.returncode == 0 and gpu.returncode == 0, gpu.stderr
+    assert json.loads(cpu.stdout) == json.loads(gpu.stdout)
+    with CodeIndex.open(tmp_path / "idx") as index:
+        codes = np.asarray(index.codes)
+        assert index.searcher("cuda") is index.searcher("cuda") is not index.searcher("cpu")
+        for a, b in zip(index.search(codes, 7), index.search(codes, 7, device="cuda")):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_query_errors_are_one_line(folder: Path, model_path: Path, tmp_path: Path) -> None:
     _encode(folder, model_path, tmp_path / "idx")
     proc = _cli("query", str(folder / "bad" / "text.jpg"), "--index", str(tmp_path / "idx"))

@@ -33,7 +33,6 @@ from fgh_deploy.images import (
     read_plain_jpeg,
 )
 
-CUB100 = Path("/work/shared/data/cub100")
 SMALL = PreprocessConfig(input_size=32, resize_size=36)
 
 
@@ -552,12 +551,11 @@ def test_batch_loader_device_decode_matches_pillow_path(tmp_path: Path, num_work
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
-@pytest.mark.skipif(not CUB100.is_dir(), reason=f"{CUB100} not present")
-def test_nvjpeg_matches_pillow_on_real_photos() -> None:
-    names = list_images(CUB100)[:32]
+def test_nvjpeg_matches_pillow_on_real_photos(cub100: Path) -> None:
+    names = list_images(cub100)[:32]
     cfg = PreprocessConfig()
-    (cpu,) = list(ImageBatchLoader(names, cfg, root=CUB100, batch_size=32))
-    (gpu,) = list(ImageBatchLoader(names, cfg, root=CUB100, batch_size=32, jpeg_device="cuda"))
+    (cpu,) = list(ImageBatchLoader(names, cfg, root=cub100, batch_size=32))
+    (gpu,) = list(ImageBatchLoader(names, cfg, root=cub100, batch_size=32, jpeg_device="cuda"))
     assert gpu.indices == cpu.indices and gpu.images.is_cuda
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels.
     difference = (gpu.images.cpu().int() - cpu.images.int()).abs().float()
@@ -567,15 +565,14 @@ def test_nvjpeg_matches_pillow_on_real_photos() -> None:
 # --------------------------------------------------------------------------- real photos
 
 
-@pytest.mark.skipif(not CUB100.is_dir(), reason=f"{CUB100} not present")
-def test_real_photos() -> None:
-    names = list_images(CUB100)[:8]
+def test_real_photos(cub100: Path) -> None:
+    names = list_images(cub100)[:8]
     assert len(names) == 8
     cfg = PreprocessConfig()
     for name in names:
-        out = load_image(CUB100 / name, cfg)
+        out = load_image(cub100 / name, cfg)
         assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
         assert out.float().std() > 5  # a real photo, not a constant image
-    (batch,) = list(ImageBatchLoader(names, cfg, root=CUB100, batch_size=8))
+    (batch,) = list(ImageBatchLoader(names, cfg, root=cub100, batch_size=8))
     assert batch.indices == list(range(8)) and batch.failures == []
-    assert torch.equal(batch.images[0], load_image(CUB100 / names[0], cfg))
+    assert torch.equal(batch.images[0], load_image(cub100 / names[0], cfg))
