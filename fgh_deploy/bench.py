@@ -240,6 +240,7 @@ def bench_encode(
     workers: int | None = None,
     limit: int | None = None,
     gpu_decode: bool | None = None,
+    warmup: bool = True,
     smoke: bool = False,
 ) -> dict[str, Any]:
     """End-to-end ``fgh encode`` speed: images → decoded → encoded → packed → written index.
@@ -255,11 +256,12 @@ def bench_encode(
         limit: Encode only the first ``limit`` images (in listing order), via a temporary
             folder of symbolic links.
         gpu_decode: As :func:`fgh_deploy.encode.encode_folder`.
+        warmup: Encode the first batch once, untimed, before the timed run.
         smoke: At most 8 images, batches of 4, decoding in this process.
 
     Returns:
         ``{"schema_version", "benchmark": "encode", "folder", "engine", "bits", "batch_size",
-        "workers", "machine", "images", "encoded", "skipped", "seconds",
+        "workers", "machine", "warmup_seconds", "images", "encoded", "skipped", "seconds",
         "images_per_second", "timings", "timing_fractions", "image_seconds", "index_bytes",
         "bytes_per_image"}``; ``timings`` are this process's wall seconds spent waiting for
         decoded batches (``decode_wait``), decoding on the GPU, in the engine, packing,
@@ -282,14 +284,17 @@ def bench_encode(
     workers = _default_workers() if workers is None else workers
     root = Path(folder)
     with tempfile.TemporaryDirectory(prefix="fgh-bench-") as tmp:
-        source = root
-        if limit is not None:
-            source = Path(tmp) / "images"
-            for rel in list_images(root)[:limit]:
-                link = source / rel
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to((root / rel).resolve())
-            source.mkdir(exist_ok=True)  # an empty selection is still a folder to encode
+        names = list_images(root) if limit is not None or warmup else []
+        source = root if limit is None else _linked_subset(root, names[:limit], Path(tmp) / "images")
+        warmup_seconds = 0.0
+        if warmup and names:
+            # First calls pay once for CUDA context, kernel loading, cuDNN and nvJPEG handles
+            # (seconds on a GPU): one batch first, untimed, so the numbers are the steady state.
+            start = time.perf_counter()
+            encode_folder(_linked_subset(root, names[:batch_size], Path(tmp) / "warmup"), engine,
+                          Path(tmp) / "warmup-index", batch_size=batch_size, workers=0, progress=False,
+                          gpu_decode=gpu_decode)
+            warmup_seconds = time.perf_counter() - start
         log.info("encode benchmark: %s, batch %d, %d worker(s)", root, batch_size, workers)
         summary = encode_folder(source, engine, Path(tmp) / "index", batch_size=batch_size,
                                 workers=workers, rebuild=True, progress=False, gpu_decode=gpu_decode)
@@ -304,6 +309,7 @@ def bench_encode(
         "batch_size": batch_size,
         "workers": workers,
         "machine": _machine(),
+        "warmup_seconds": warmup_seconds,
         "images": summary.images,
         "encoded": summary.encoded,
         "skipped": len(summary.skipped),
@@ -316,6 +322,16 @@ def bench_encode(
         "index_bytes": summary.index_bytes,
         "bytes_per_image": summary.index_bytes / summary.encoded if summary.encoded else None,
     }
+
+
+def _linked_subset(root: Path, names: Sequence[str], dest: Path) -> Path:
+    """A folder of symbolic links to ``names`` under ``root`` (an empty one for no names)."""
+    for rel in names:
+        link = dest / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to((root / rel).resolve())
+    dest.mkdir(exist_ok=True)
+    return dest
 
 
 def _search_entry(

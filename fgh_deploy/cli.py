@@ -534,6 +534,7 @@ def bench_encode_cmd(
         return
     stdout.print(f"{report['encoded']} images in {report['seconds']:.1f} s: {report['images_per_second']:.1f} "
                  f"images/s, {report['bytes_per_image']:.1f} bytes per indexed image", soft_wrap=True)
+    stdout.print(f"  (after an untimed warm-up batch of {report['warmup_seconds']:.1f} s)", soft_wrap=True)
     for stage, seconds in report["timings"].items():
         stdout.print(f"  {stage:12s} {seconds:8.2f} s  {report['timing_fractions'].get(stage, 0):6.1%}", soft_wrap=True)
     per_image = report["image_seconds"]

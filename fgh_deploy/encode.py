@@ -131,10 +131,16 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
     return summary
 
 
+def _cuda_device(engine: Engine) -> torch.device | None:
+    """The CUDA device the engine runs on, if any."""
+    device = getattr(engine, "device", None)
+    return device if isinstance(device, torch.device) and device.type == "cuda" else None
+
+
 def _decode_device(engine: Engine, gpu_decode: bool | None) -> torch.device | None:
     """Where JPEGs are decoded: the engine's CUDA device, or ``None`` for Pillow in the workers."""
     device = getattr(engine, "device", None)
-    on_cuda = isinstance(device, torch.device) and device.type == "cuda"
+    on_cuda = _cuda_device(engine) is not None
     if gpu_decode and not on_cuda:
         raise FghError(f"{engine.path}: GPU decoding needs an engine on a CUDA device "
                        f"(this {engine.kind} engine runs on {device or 'the CPU'})")
@@ -164,6 +170,9 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     timings = {"decode_wait": 0.0, "gpu_decode": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
+    # On a GPU every new batch shape costs new kernel plans (about 2 s for the last, short batch
+    # of cub100 on an H100): short batches (the last one, ones with skipped files) are padded.
+    pad_batches = _cuda_device(engine) is not None
     loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=batch_size, num_workers=workers,
                               pin_memory=str(getattr(engine, "device", "cpu")).startswith("cuda"),
                               jpeg_device=decode_device)
@@ -183,7 +192,7 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                 summary.skipped.append({"path": todo[failure.index], "reason": failure.reason})
             if len(indices):
                 t0 = time.perf_counter()
-                codes = engine.encode(images)
+                codes = engine.encode(_padded(images, batch_size) if pad_batches else images)[: len(indices)]
                 t1 = time.perf_counter()
                 packed = pack_codes(codes)
                 t2 = time.perf_counter()
@@ -210,6 +219,14 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
     summary.timings = {k: round(v, 4) for k, v in timings.items()}
     summary.image_seconds = {"decode": round(loader.worker_decode_seconds, 4),
                              "preprocess": round(loader.worker_preprocess_seconds, 4)}
+
+
+def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``images`` with black images appended up to ``size`` rows."""
+    missing = size - len(images)
+    if missing <= 0:
+        return images
+    return torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
 
 
 def _write_skipped_log(out: Path, skipped: list[dict]) -> None:

@@ -622,7 +622,7 @@ class _TorchHamming:
         # Unpacked in slices so the uint8 temporaries stay small next to the result.
         step = max(1, (1 << 24) // self.bits)
         for start in range(0, len(codes), step):
-            packed = torch.from_numpy(np.ascontiguousarray(codes[start : start + step])).to(self.device)
+            packed = torch.from_numpy(np.array(codes[start : start + step])).to(self.device)  # a writable copy
             bits = (packed.unsqueeze(-1) >> shifts) & 1
             out[start : start + step] = bits.reshape(len(packed), -1).to(self.dtype) * 2 - 1
         return out

@@ -127,8 +127,10 @@ def test_bench_encode_smoke(engine, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert report["index_bytes"] > 0 and report["bytes_per_image"] == report["index_bytes"] / 5
     assert list(scratch.iterdir()) == []  # the temporary index and links are gone
 
-    limited = bench.bench_encode(folder, engine, limit=2, workers=0)
-    assert limited["images"] == 2 and limited["encoded"] == 2
+    assert report["warmup_seconds"] > 0  # one untimed batch first
+
+    limited = bench.bench_encode(folder, engine, limit=2, workers=0, warmup=False)
+    assert limited["images"] == 2 and limited["encoded"] == 2 and limited["warmup_seconds"] == 0
 
 
 def test_bench_encode_refuses_bad_arguments(engine, tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def folder(tmp_path: Path, cub100: Path) -> Path:
     return root
 
 
-def _encode(folder: Path, model: Path, out: Path, **kwargs):
-    with load_engine(model) as engine:
+def _encode(folder: Path, model: Path, out: Path, device: str = "auto", **kwargs):
+    with load_engine(model, device=device) as engine:
         return encode_folder(folder, engine, out, progress=False, workers=kwargs.pop("workers", 0), **kwargs)
 
 
@@ -77,7 +77,9 @@ def test_encode_skips_bad_files_and_lists_them(folder: Path, model_path: Path, t
 
 
 def test_index_codes_equal_the_engine_codes(folder: Path, model_path: Path, tmp_path: Path) -> None:
-    _encode(folder, model_path, tmp_path / "idx", workers=2, batch_size=7)
+    # On the CPU: the FP32 model on Pillow-decoded images is the reference, bit for bit (on CUDA,
+    # autocast and nvJPEG flip a few bits; test_gpu_decode_codes_agree_with_pillow_decode covers that).
+    _encode(folder, model_path, tmp_path / "idx", device="cpu", workers=2, batch_size=7)
     model = fgh.load_model(model_path)
     with CodeIndex.open(tmp_path / "idx") as index:
         from fgh_deploy.bits import pack_codes
@@ -87,6 +89,27 @@ def test_index_codes_equal_the_engine_codes(folder: Path, model_path: Path, tmp_
         with torch.no_grad():
             expected = pack_codes(model(batch).numpy())
         assert np.array_equal(np.asarray(index.codes), expected)
+
+
+def test_short_batches_are_padded_for_gpu_engines(folder: Path, model_path: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import fgh_deploy.encode as encode_module
+
+    reference = _encode(folder, model_path, tmp_path / "ref", device="cpu", batch_size=5)
+    shapes = []
+    with load_engine(model_path, device="cpu") as engine:
+        encode = engine.encode
+        monkeypatch.setattr(engine, "encode", lambda images: shapes.append(tuple(images.shape)) or encode(images))
+        # Treated as a GPU engine (the padding rule), run on the CPU.
+        monkeypatch.setattr(encode_module, "_cuda_device", lambda e: torch.device("cuda"))
+        padded = encode_folder(folder, engine, tmp_path / "padded", batch_size=5, workers=0, progress=False,
+                               gpu_decode=False)
+    assert padded.encoded == reference.encoded == 24
+    # Batches that lost unreadable files and the short last one are all padded to 5 images.
+    assert shapes and {s[0] for s in shapes} == {5}
+    with CodeIndex.open(tmp_path / "ref") as a, CodeIndex.open(tmp_path / "padded") as b:
+        assert a.all_paths() == b.all_paths()
+        np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
 
 
 def test_rerun_encodes_only_new_images_and_drops_deleted_ones(folder: Path, model_path: Path, tmp_path: Path) -> None:

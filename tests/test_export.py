@@ -76,7 +76,8 @@ def test_fp16_graph_keeps_fp32_islands(exported) -> None:
 def test_onnx_engine_matches_the_checkpoint_engine(exported, tmp_path: Path) -> None:
     ckpt, result = exported
     images = synthetic_images(6, 64, seed=3)
-    with load_engine(ckpt) as torch_engine, load_engine(result.artifacts["onnx"]) as onnx_engine:
+    # The FP32 graph against the FP32 model: on CUDA the PyTorch engine would run under FP16 autocast.
+    with load_engine(ckpt, device="cpu") as torch_engine, load_engine(result.artifacts["onnx"]) as onnx_engine:
         assert onnx_engine.kind == "onnxruntime" and onnx_engine.providers[-1] == "CPUExecutionProvider"
         assert onnx_engine.fingerprint == torch_engine.fingerprint and onnx_engine.bits == 24
         np.testing.assert_allclose(onnx_engine.encode(images), torch_engine.encode(images), atol=1e-4)
