@@ -264,10 +264,9 @@ def bench_encode(
         "workers", "machine", "warmup_seconds", "images", "encoded", "skipped", "seconds",
         "images_per_second", "timings", "timing_fractions", "image_seconds", "index_bytes",
         "bytes_per_image"}``; ``timings`` are this process's wall seconds spent waiting for
-        decoded batches (``decode_wait``), in the engine, packing, writing, and ``other``
-        (listing, index setup), which add up to ``seconds``, plus ``gpu_decode``: the busy
-        time of the GPU-decoding thread, which overlaps them; ``timing_fractions`` divide
-        them by ``seconds``. ``image_seconds`` sums each image's decode and resize time over the
+        decoded batches (``decode_wait``), decoding on the GPU, in the engine, packing,
+        writing, and ``other`` (listing, index setup); ``timing_fractions`` divide them by
+        ``seconds``. ``image_seconds`` sums each image's decode and resize time over the
         decoding workers, which run in parallel.
 
     Raises:
@@ -300,7 +299,7 @@ def bench_encode(
         summary = encode_folder(source, engine, Path(tmp) / "index", batch_size=batch_size,
                                 workers=workers, rebuild=True, progress=False, gpu_decode=gpu_decode)
     timings = dict(summary.timings)
-    timings["other"] = max(0.0, summary.seconds - sum(v for k, v in timings.items() if k != "gpu_decode"))
+    timings["other"] = max(0.0, summary.seconds - sum(timings.values()))
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "encode",

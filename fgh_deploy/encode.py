@@ -48,8 +48,7 @@ class EncodeSummary:
     skipped: list[dict] = field(default_factory=list)
     index_bytes: int = 0
     seconds: float = 0.0
-    # Wall time of this process by stage; decode_wait is what the decoding workers did not hide;
-    # gpu_decode is the GPU-decoding thread's busy time, overlapped with the stages.
+    # Wall time of this process by stage; decode_wait is what the decoding workers did not hide.
     timings: dict[str, float] = field(default_factory=dict)
     # Per-image decode and resize time summed over every image, in whichever process did it:
     # with N workers these run in parallel, so they can add up to N times the wall time.
@@ -214,8 +213,9 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
         t3 = time.perf_counter()
         index.commit()
         timings["write"] += time.perf_counter() - t3
-    # Busy time of the loader's GPU-decoding thread, overlapped with this loop (not part of its wall time).
+    # The loader decodes on the GPU while this loop waits for the next batch.
     timings["gpu_decode"] = loader.device_decode_seconds
+    timings["decode_wait"] -= loader.device_decode_seconds
     summary.timings = {k: round(v, 4) for k, v in timings.items()}
     summary.image_seconds = {"decode": round(loader.worker_decode_seconds, 4),
                              "preprocess": round(loader.worker_preprocess_seconds, 4)}

@@ -14,14 +14,12 @@ import os
 import re
 import stat
 import struct
-import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from queue import Empty, Full, Queue
 from functools import partial
-from typing import NamedTuple, TypeVar, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -502,9 +500,7 @@ class ImageBatchLoader:
 
     With ``jpeg_device`` set, workers only read plain JPEG files (RGB or grayscale) and
     their EXIF orientation; the calling process decodes each batch of them in one call on
-    that device (nvJPEG on CUDA), then resizes and crops there. On CUDA that runs in a
-    background thread on its own stream, up to two batches ahead, so it overlaps whatever
-    the caller does with the previous batch (the engine). Other files, and JPEGs the
+    that device (nvJPEG on CUDA), then resizes and crops there. Other files, and JPEGs the
     device decoder rejects, take the Pillow path. Pillow may decode a large JPEG at a reduced
     DCT scale where nvJPEG decodes it whole, so the two paths can differ by a few pixel levels.
 
@@ -522,8 +518,8 @@ class ImageBatchLoader:
             on that device. ``None``: every image is decoded by Pillow in the workers.
 
     Attributes:
-        device_decode_seconds: time spent decoding and resizing on ``jpeg_device`` so far
-            (on CUDA in the background thread, overlapped with the caller's work).
+        device_decode_seconds: time the calling process spent decoding and resizing on
+            ``jpeg_device`` so far.
         worker_decode_seconds: decoding time summed over the images loaded so far (reading
             the bytes, for JPEGs left to the device), in whichever process decoded them.
         worker_preprocess_seconds: the same for resizing and cropping.
@@ -573,16 +569,6 @@ class ImageBatchLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[ImageBatch]:
-        if self.jpeg_device is not None and self.jpeg_device.type == "cuda":
-            yield from _prefetched(self._batches_on_side_stream(), depth=2, name="fgh-gpu-decode")
-        else:
-            yield from self._batches()
-
-    def _batches_on_side_stream(self) -> Iterator[ImageBatch]:
-        with torch.cuda.stream(torch.cuda.Stream(self.jpeg_device)):
-            yield from self._batches()
-
-    def _batches(self) -> Iterator[ImageBatch]:
         for batch in self._loader:
             self.worker_decode_seconds += batch.decode_seconds
             self.worker_preprocess_seconds += batch.preprocess_seconds
@@ -610,66 +596,8 @@ class ImageBatchLoader:
                     failures.append(DecodeFailure(index, item.reason))
                 else:
                     done[index] = item.image.to(device)
-        indices = sorted(done)
-        images = _stack([done[i] for i in indices], self.cfg.input_size).to(device)
         if device.type == "cuda":
-            # Ready before another stream (the engine's) reads it; and the time is the decode's.
-            torch.cuda.current_stream(device).synchronize()
-        return ImageBatch(indices, images, sorted(failures))
-
-
-_T = TypeVar("_T")
-
-
-class _Raised(NamedTuple):
-    error: BaseException
-
-
-def _prefetched(items: Iterator[_T], *, depth: int, name: str) -> Iterator[_T]:
-    """Run ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
-
-    An exception in the thread is raised in the consumer; closing the consumer early stops
-    the thread (after the item it is producing) and closes ``items``.
-    """
-    queue: Queue = Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.05)
-                return True
-            except Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as error:  # handed to the consumer, which raises it
-            put(_Raised(error))
-        finally:
-            getattr(items, "close", lambda: None)()
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            try:
-                item = queue.get(timeout=0.05)
-            except Empty:
-                if not thread.is_alive() and queue.empty():
-                    raise RuntimeError(f"{name} thread ended without a result") from None
-                continue
-            if item is end:
-                return
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+            torch.cuda.synchronize(device)  # so device_decode_seconds is the decode's, not the engine's
+        indices = sorted(done)
+        return ImageBatch(indices, _stack([done[i] for i in indices], self.cfg.input_size).to(device),
+                          sorted(failures))

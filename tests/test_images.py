@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import pickle
 import struct
 import sys
-import threading
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -35,7 +32,6 @@ from fgh_deploy.images import (
     load_image,
     read_plain_jpeg,
 )
-from fgh_deploy.images import _prefetched  # private: the GPU-decode prefetch thread
 
 SMALL = PreprocessConfig(input_size=32, resize_size=36)
 
@@ -580,49 +576,3 @@ def test_real_photos(cub100: Path) -> None:
     (batch,) = list(ImageBatchLoader(names, cfg, root=cub100, batch_size=8))
     assert batch.indices == list(range(8)) and batch.failures == []
     assert torch.equal(batch.images[0], load_image(cub100 / names[0], cfg))
-
-
-# --------------------------------------------------------------------------- prefetch thread
-
-
-def test_prefetched_keeps_order_and_stays_bounded() -> None:
-    produced = []
-
-    def items():
-        for i in range(50):
-            produced.append(i)
-            yield i
-
-    stream = _prefetched(items(), depth=2, name="t")
-    assert next(stream) == 0
-    time.sleep(0.2)
-    assert len(produced) <= 4  # one consumed, two queued, one waiting to be queued
-    assert list(stream) == list(range(1, 50))
-
-
-def test_prefetched_raises_the_producers_error_in_the_consumer() -> None:
-    def items():
-        yield 1
-        raise OSError("disk gone")
-
-    stream = _prefetched(items(), depth=2, name="t")
-    assert next(stream) == 1
-    with pytest.raises(OSError, match="disk gone"):
-        next(stream)
-
-
-def test_closing_the_consumer_stops_the_producer_and_closes_its_source() -> None:
-    closed = threading.Event()
-
-    def items():
-        try:
-            for i in itertools.count():
-                yield i
-        finally:
-            closed.set()
-
-    stream = _prefetched(items(), depth=2, name="fgh-test-prefetch")
-    assert next(stream) == 0
-    stream.close()
-    assert closed.is_set()
-    assert not any(t.name == "fgh-test-prefetch" for t in threading.enumerate())
