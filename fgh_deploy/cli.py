@@ -99,7 +99,7 @@ SearchDeviceOption = Annotated[str, typer.Option(
 GpuDecodeOption = Annotated[bool | None, typer.Option(
     "--gpu-decode/--cpu-decode",
     help="Decode JPEGs with nvJPEG on the engine's GPU, or with Pillow in the workers (default: GPU when the "
-         "engine runs on CUDA).")]
+         "engine runs on CUDA and fewer than 3 workers decode; more Pillow workers are faster).")]
 
 
 def _human_bytes(n: float) -> str:
@@ -504,7 +504,7 @@ def bench_search_cmd(
                           f"{r['ours']['codes_per_second'] / 1e6:.0f}",
                           f"{faiss['codes_per_second'] / 1e6:.0f}" if faiss else "-",
                           f"{r['speedup_vs_faiss']:.2f}×" if r.get("speedup_vs_faiss") else "-",
-                          str(r.get("same_distances", "-")))
+                          "-" if r.get("same_distances") is None else str(r["same_distances"]))
     stdout.print(table)
     if not reports[0]["faiss"].get("available"):
         err.print(f"FAISS not compared: {reports[0]['faiss'].get('reason')}", soft_wrap=True)

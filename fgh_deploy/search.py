@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 131072
 """Most database rows per scan step: one query's uint64 xor temporary (1 MiB) stays in L2."""
+# More threads stop paying once memory bandwidth is shared: on a 16-core machine, 10M 48-bit
+# codes, one query: 1 thread 751 M codes/s, 4: 1,020, 8: 867, 16: 466; 64 queries: 8 threads
+# 3,364, 16: 1,940 (`fgh bench search --threads T`).
+DEFAULT_MAX_THREADS = 8
 
 # Measured on a 2-core Zen 4 with numpy 2.4: ``bitwise_count`` is a scalar loop (~2.8 G
 # elements/s whatever the word width) and ``xor`` runs at ~5 G/s, so a 64-bit comparison
@@ -110,7 +114,8 @@ class HammingSearcher:
         Args:
             database: ``uint8`` array ``(n, code_size)`` of packed codes; ``n`` may be 0.
             chunk_size: Most database rows scanned per step; the default suits typical caches.
-            threads: Threads for large searches; default: the CPUs this process may run on.
+            threads: Threads for large searches; default: the CPUs this process may run on,
+                at most ``DEFAULT_MAX_THREADS``.
             device: ``"cpu"`` for the numpy kernel, or ``"cuda"`` / ``"cuda:N"`` to search
                 on a GPU with torch (the database is then held on the GPU as ±1 values).
 
@@ -121,7 +126,8 @@ class HammingSearcher:
         """
         db = _as_packed(database, "database", allow_single=False)
         self._chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
-        self.threads = _available_cpus() if threads is None else check_int(threads, "threads", minimum=1)
+        self.threads = (min(_available_cpus(), DEFAULT_MAX_THREADS) if threads is None
+                        else check_int(threads, "threads", minimum=1))
         self.ntotal, self.code_size = db.shape
         self._max_distance = 8 * self.code_size
         # The narrowest accumulator no distance overflows: uint8 up to 255 bits halves the

@@ -266,6 +266,20 @@ def test_gpu_decode_needs_an_engine_on_cuda(folder: Path, model_path: Path, tmp_
     assert summary.image_seconds["decode"] > 0 and summary.image_seconds["preprocess"] > 0
 
 
+def test_gpu_decode_default_depends_on_the_decoding_workers(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fgh_deploy.encode as encode_module
+
+    cuda = torch.device("cuda", 0)
+    with load_engine(model_path, device="cpu") as engine:
+        assert encode_module._decode_device(engine, None, 0) is None  # a CPU engine never decodes on a GPU
+        monkeypatch.setattr(encode_module, "_cuda_device", lambda e: cuda)  # the rule for a CUDA engine
+        below = encode_module.GPU_DECODE_BELOW_WORKERS
+        assert encode_module._decode_device(engine, None, below - 1) == cuda
+        assert encode_module._decode_device(engine, None, below) is None
+        assert encode_module._decode_device(engine, True, 8) == cuda
+        assert encode_module._decode_device(engine, False, 0) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
 def test_gpu_decode_codes_agree_with_pillow_decode(folder: Path, model_path: Path, tmp_path: Path) -> None:
     with load_engine(model_path, device="cuda") as engine:

@@ -394,3 +394,12 @@ def test_threaded_search_works_in_a_forked_child(always_parallel) -> None:
         got = pool.apply_async(searcher.search, (queries, 5)).get(timeout=60)
     for a, b in zip(expected, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_default_threads_are_the_cpus_up_to_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    database = np.zeros((10, 4), np.uint8)
+    monkeypatch.setattr(search, "_available_cpus", lambda: 16)
+    assert HammingSearcher(database).threads == search.DEFAULT_MAX_THREADS == 8
+    assert HammingSearcher(database, threads=16).threads == 16  # asked for explicitly
+    monkeypatch.setattr(search, "_available_cpus", lambda: 2)
+    assert HammingSearcher(database).threads == 2
