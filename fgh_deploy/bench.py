@@ -68,7 +68,7 @@ def bench_search(
         seed: Seed of the random codes.
         compare_faiss: Also time FAISS when ``import faiss`` works (``faiss-cpu``).
         threads: Threads for both libraries; None leaves each at its default (ours: the CPUs
-            this process may use; FAISS: its OpenMP default).
+            this process may use, at most 8; FAISS: its OpenMP default).
         device: Where ours searches: ``cpu``, or ``cuda[:N]`` (timed to the results on the
             host, as a caller gets them). FAISS always runs on the CPU.
         smoke: At most 10,000 codes, batches of at most 8 queries, one timed call.
