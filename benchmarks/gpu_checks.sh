@@ -15,7 +15,7 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 case $stage in
   tests)
     workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-    python3 -m pytest -q $workers -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+    pytest -q $workers -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
     ;;
   search)
     for n in 1000000 10000000; do

@@ -47,6 +47,7 @@ def bench_search(
     compare_faiss: bool = True,
     threads: int | None = None,
     device: str = "cpu",
+    kernel: str = "auto",
     smoke: bool = False,
 ) -> dict[str, Any]:
     """Time exact k-NN over ``n`` random ``bits``-bit codes, ours against FAISS ``IndexBinaryFlat``.
@@ -71,12 +72,14 @@ def bench_search(
             this process may use, at most 8; FAISS: its OpenMP default).
         device: Where ours searches: ``cpu``, or ``cuda[:N]`` (timed to the results on the
             host, as a caller gets them). FAISS always runs on the CPU.
+        kernel: Our CPU distance kernel (``auto``, ``compiled``, ``numpy``; see
+            :class:`~fgh_deploy.search.HammingSearcher`).
         smoke: At most 10,000 codes, batches of at most 8 queries, one timed call.
 
     Returns:
         ``{"schema_version", "benchmark": "search", "n", "bits", "code_size", "k", "repeats",
-        "seed", "machine", "ours", "faiss", "results"}``; ``ours`` holds ``threads``,
-        ``layout`` (column dtypes), ``build_seconds``, ``index_bytes``, ``bytes_per_code``;
+        "seed", "machine", "ours", "faiss", "results"}``; ``ours`` holds ``device``, ``kernel``,
+        ``threads``, ``layout`` (column dtypes), ``build_seconds``, ``index_bytes``, ``bytes_per_code``;
         ``faiss`` holds ``available``, ``version``, ``threads``, ``build_seconds`` (or
         ``reason`` when unavailable or not asked for); each entry of ``results`` holds
         ``queries``, ``ours`` and ``faiss`` (``seconds_per_call``, ``seconds_per_query``,
@@ -100,9 +103,10 @@ def bench_search(
     log.info("search benchmark: %d codes of %d bits, batches %s, k=%d", n, bits, list(queries), k)
 
     start = time.perf_counter()
-    searcher = HammingSearcher(database, threads=threads, device=device)
+    searcher = HammingSearcher(database, threads=threads, device=device, kernel=kernel)
     ours_info = {
         "device": searcher.device,
+        "kernel": searcher.kernel,
         "threads": searcher.threads,
         "layout": searcher.layout,
         "build_seconds": time.perf_counter() - start,

@@ -394,6 +394,7 @@ def doctor(as_json: JsonOption = False) -> None:
                                    f"built: {', '.join(o.get('built_providers', []))}")
     table.add_row("TensorRT", f"{r['version']} (API family {r['api_family']})" if r["available"] else "not available")
     table.add_row("export --trt", r["export_plan"])
+    table.add_row("search (CPU)", f"{report['search']['cpu_kernel']}: {report['search']['note']}")
     stdout.print(table)
     for warning in o["warnings"]:
         err.print(f"WARNING: {warning}", soft_wrap=True)
@@ -483,17 +484,20 @@ def bench_search_cmd(
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="Threads for both libraries.")] = None,
     search_device: SearchDeviceOption = "cpu",
+    kernel: Annotated[str, typer.Option(
+        "--kernel", help="Our CPU distance kernel: auto, compiled (the fused C loop) or numpy.")] = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """Exact k-NN codes/s and latency, ours vs FAISS IndexBinaryFlat (when faiss is installed), same run."""
     from .bench import bench_search
 
     reports = [bench_search(n, b, queries=_int_list(queries, "--queries"), k=k, repeats=repeats, threads=threads,
-                            device=search_device) for b in _int_list(bits, "--bits")]
+                            device=search_device, kernel=kernel) for b in _int_list(bits, "--bits")]
     if as_json:
         _print_json({"schema_version": 1, "benchmark": "search", "reports": reports})
         return
-    stdout.print(f"fgh bench search: {n:,} random codes, k={k}, ours on {search_device}", soft_wrap=True)
+    kernels = ", ".join(dict.fromkeys(report["ours"]["kernel"] for report in reports))
+    stdout.print(f"fgh bench search: {n:,} random codes, k={k}, ours on {search_device} ({kernels})", soft_wrap=True)
     table = Table()
     for column in ("bits", "queries", "ours ms/query", "ours Mcodes/s", "FAISS Mcodes/s", "speed-up", "same results"):
         table.add_column(column, justify="right")

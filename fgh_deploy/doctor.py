@@ -115,4 +115,14 @@ def diagnose() -> dict[str, Any]:
         "torch": torch_report,
         "onnxruntime": _ort_report(),
         "tensorrt": _trt_report(torch_report),
+        "search": _search_report(),
     }
+
+
+def _search_report() -> dict[str, Any]:
+    from .search import FUSED_MAX_BITS, cpu_kernel
+
+    kernel = cpu_kernel()
+    note = (f"fused xor + popcount loop for codes up to {FUSED_MAX_BITS} bits" if kernel != "numpy" else
+            "fgh_deploy._hamming is not built (no C compiler at install): numpy's passes, slower at 128 bits")
+    return {"cpu_kernel": kernel, "note": note}

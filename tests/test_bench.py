@@ -13,7 +13,7 @@ from PIL import Image
 
 import fgh_deploy as fgh
 from engines import load_engine
-from fgh_deploy import bench
+from fgh_deploy import bench, search
 from fgh_deploy.errors import FghError
 
 
@@ -39,6 +39,7 @@ def test_bench_search_smoke(bits: int, device: str) -> None:
     assert ours["index_bytes"] == report["n"] * ours["bytes_per_code"]
     assert ours["device"] == device and ours["threads"] >= 1
     assert bool(ours["layout"]) == (device == "cpu")  # the GPU holds ±1 values, not word columns
+    assert ours["kernel"] == ("torch" if device != "cpu" else search.cpu_kernel())
     assert [r["queries"] for r in report["results"]] == [1, 8]
     for entry in report["results"]:
         assert entry["matches_reference"] is True
@@ -68,6 +69,13 @@ def test_bench_search_without_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
     assert report["faiss"] == {"available": False, "reason": "import faiss failed (pip install faiss-cpu)"}
     assert all(entry["faiss"] is None and entry["matches_reference"] for entry in report["results"])
     assert bench.bench_search(3000, 48, compare_faiss=False, smoke=True)["faiss"]["reason"] == "not asked for"
+
+
+def test_bench_search_runs_the_kernel_asked_for() -> None:
+    report = bench.bench_search(3000, 128, kernel="numpy", compare_faiss=False, smoke=True)
+    assert report["ours"]["kernel"] == "numpy" and all(e["matches_reference"] for e in report["results"])
+    with pytest.raises(FghError, match="unknown search kernel"):
+        bench.bench_search(3000, 128, kernel="fast", smoke=True)
 
 
 def test_same_neighbours_ignores_only_ties_at_the_kth_distance() -> None:

@@ -140,6 +140,8 @@ def test_doctor_reports_what_runs_here() -> None:
     assert "CPUExecutionProvider" in report["onnxruntime"]["working_providers"]
     assert report["torch"]["cuda_available"] == torch.cuda.is_available()
     assert "export_plan" in report["tensorrt"]
+    kernel = report["search"]["cpu_kernel"]
+    assert kernel == "numpy" or kernel.startswith("compiled/"), kernel
 
 
 def test_trt_export_does_what_it_can_and_says_what_it_could_not(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -73,6 +75,16 @@ def assert_range_matches(searcher_out, queries, database, radius) -> None:
     for qi, (ref_d, ref_i) in enumerate(expected):
         np.testing.assert_array_equal(D[lims[qi] : lims[qi + 1]], ref_d)
         np.testing.assert_array_equal(I[lims[qi] : lims[qi + 1]], ref_i)
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def cpu_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both CPU distance kernels: ``kernel="auto"`` picks the one under test."""
+    if request.param == "numpy":
+        monkeypatch.setattr(search, "_hamming", None)
+    elif search._hamming is None:
+        pytest.skip("fgh_deploy._hamming is not built (no C compiler at install); see test_compiled_kernel_is_built")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +341,66 @@ def test_bad_threads_and_device_are_refused() -> None:
         HammingSearcher(database, threads=0)
     with pytest.raises(FghError, match="device must be"):
         HammingSearcher(database, device="tpu")
+
+
+# ------------------------------------------------------------------------ CPU kernels
+
+
+def test_compiled_kernel_is_built() -> None:
+    """An install on a machine with a C compiler builds the fused kernel (else it falls back silently)."""
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler here: the numpy kernel is the expected one")
+    assert importlib.util.find_spec("fgh_deploy._hamming") is not None, (
+        "fgh_deploy._hamming was not built: check the C compiler output of `pip install -v .`"
+    )
+
+
+def test_kernel_reports_what_runs(cpu_kernel: str) -> None:
+    database = random_packed(np.random.default_rng(3), 50, 64)
+    kernel = HammingSearcher(database).kernel
+    assert kernel == "numpy" if cpu_kernel == "numpy" else kernel.startswith("compiled/")
+    assert HammingSearcher(database, kernel="numpy").kernel == "numpy"
+    # Codes too long for uint8 distances always take numpy's passes.
+    assert HammingSearcher(random_packed(np.random.default_rng(3), 5, 300)).kernel == "numpy"
+
+
+def test_bad_kernel_requests_are_refused(cpu_kernel: str) -> None:
+    database = np.zeros((5, 2), np.uint8)
+    with pytest.raises(FghError, match="unknown search kernel 'fast'"):
+        HammingSearcher(database, kernel="fast")
+    with pytest.raises(FghError, match="up to 248 bits, not 256"):
+        HammingSearcher(np.zeros((5, 32), np.uint8), kernel="compiled")
+    if cpu_kernel == "numpy":
+        with pytest.raises(BackendUnavailableError, match="not built"):
+            HammingSearcher(database, kernel="compiled")
+    else:
+        assert HammingSearcher(database, kernel="compiled").kernel.startswith("compiled/")
+
+
+def test_compiled_kernel_checks_its_buffers(cpu_kernel: str) -> None:
+    """The C entry point refuses buffers that would make it read or write out of bounds."""
+    if cpu_kernel == "numpy":
+        pytest.skip("checks the compiled kernel")
+    step = search._hamming.step_distances
+    column = np.arange(100, dtype=np.uint64)
+    words = np.zeros(2, dtype=np.uint64)  # two queries, one column
+    out = np.zeros((2, 100), dtype=np.uint8)
+    step(out, 100, [column], 0, 100, words)
+    np.testing.assert_array_equal(out, np.bitwise_count(column)[np.newaxis].repeat(2, axis=0))
+    with pytest.raises(ValueError, match="too small"):
+        step(out, 100, [column], 0, 100, np.zeros(3, dtype=np.uint64))
+    with pytest.raises(ValueError, match="outside 0:100"):
+        step(out, 100, [column], 50, 101, words)
+    with pytest.raises(ValueError, match="differ in length"):
+        step(out, 100, [column, column[:99]], 0, 10, np.zeros(4, dtype=np.uint64))
+    with pytest.raises(ValueError, match="itemsize"):
+        step(out, 100, [column.view(np.complex128)], 0, 10, words)
+    with pytest.raises(ValueError, match="out must be uint8"):
+        step(out.view(np.uint16), 50, [column], 0, 10, words)
+    with pytest.raises(ValueError, match="not a positive multiple"):
+        step(out, 100, [column, column], 0, 10, np.zeros(3, dtype=np.uint64))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        step(out[:, ::2], 50, [column], 0, 10, words)
 
 
 # ------------------------------------------------------------------------ torch / CUDA
