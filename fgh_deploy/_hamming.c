@@ -92,21 +92,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq"))) static void
 
 typedef void (*Kernel)(KERNEL_ARGS);
 
-static Kernel kernel = tiles_generic;
-static const char *kernel_name = "generic";
+typedef struct {
+    const char *name;
+    Kernel run;
+} Variant;
 
-static void choose_kernel(void) {
+/* The variants this CPU can run, fastest first (Python: VARIANTS); the first is the default (KERNEL). */
+static Variant variants[3];
+static int n_variants = 0;
+
+static void find_variants(void) {
 #ifdef HAVE_X86_DISPATCH
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
-        kernel = tiles_avx512;
-        kernel_name = "avx512-vpopcntdq";
-    } else if (__builtin_cpu_supports("popcnt")) {
-        kernel = tiles_popcnt;
-        kernel_name = "popcnt";
-    }
+        __builtin_cpu_supports("avx512vl"))
+        variants[n_variants++] = (Variant){"avx512-vpopcntdq", tiles_avx512};
+    if (__builtin_cpu_supports("popcnt")) variants[n_variants++] = (Variant){"popcnt", tiles_popcnt};
 #endif
+    variants[n_variants++] = (Variant){"generic", tiles_generic};
 }
 
 static void release_all(Py_buffer *views, Py_ssize_t count) {
@@ -117,8 +120,18 @@ static PyObject *step_distances(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *out_obj, *columns, *queries_obj;
     Py_ssize_t ld, start, stop;
-    if (!PyArg_ParseTuple(args, "OnOnnO:step_distances", &out_obj, &ld, &columns, &start, &stop, &queries_obj))
+    const char *variant_name = NULL;
+    if (!PyArg_ParseTuple(args, "OnOnnO|s:step_distances", &out_obj, &ld, &columns, &start, &stop, &queries_obj,
+                          &variant_name))
         return NULL;
+    Kernel kernel = variants[0].run;
+    if (variant_name != NULL) {
+        int v = 0;
+        while (v < n_variants && strcmp(variants[v].name, variant_name) != 0) v++;
+        if (v == n_variants)
+            return PyErr_Format(PyExc_ValueError, "variant '%s' does not run on this CPU", variant_name);
+        kernel = variants[v].run;
+    }
     PyObject *seq = PySequence_Fast(columns, "columns must be a sequence of buffers");
     if (seq == NULL) return NULL;
     Py_ssize_t ncols = PySequence_Fast_GET_SIZE(seq);
@@ -186,8 +199,9 @@ fail:
 
 static PyMethodDef methods[] = {
     {"step_distances", step_distances, METH_VARARGS,
-     "step_distances(out, ld, columns, start, stop, queries): uint8 Hamming distances of a query group "
-     "to database rows start:stop, written to out[j * ld + (row - start)]."},
+     "step_distances(out, ld, columns, start, stop, queries[, variant]): uint8 Hamming distances of a "
+     "query group to database rows start:stop, written to out[j * ld + (row - start)]; variant: one of "
+     "VARIANTS (default: the first)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -195,9 +209,22 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hamming", "Fused Ha
                                      NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__hamming(void) {
-    choose_kernel();
+    if (n_variants == 0) find_variants();
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddStringConstant(m, "KERNEL", kernel_name) < 0) {
+    if (m == NULL) return NULL;
+    PyObject *names = PyTuple_New(n_variants);
+    for (int v = 0; names != NULL && v < n_variants; v++) {
+        PyObject *name = PyUnicode_FromString(variants[v].name);
+        if (name == NULL) Py_CLEAR(names);
+        else PyTuple_SET_ITEM(names, v, name);
+    }
+    /* PyModule_AddObject steals the reference only on success. */
+    if (names == NULL || PyModule_AddObject(m, "VARIANTS", names) < 0) {
+        Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddStringConstant(m, "KERNEL", variants[0].name) < 0) {
         Py_DECREF(m);
         return NULL;
     }
