@@ -39,13 +39,14 @@ Around it, with numpy:
   few are compared element-wise. The bound comes from a per-query histogram of the
   candidates kept, and the final order is one stable (radix) sort of a few candidates per
   query.
-* **Layout choices, measured** (numpy kernel, 1-thread CPU time, numpy 2.4, 64-query batches): 32-bit codes
-  as one ``uint32`` column are 16–28 % faster than padded to ``uint64`` and half the memory;
-  48-bit codes padded to one ``uint64`` are 28–47 % faster than ``uint32`` + ``uint16``
-  columns (one popcount per code instead of two), for 8 instead of 6 bytes per code.
-* **Threads.** The compiled kernel and numpy's ufuncs release the GIL, so query groups (or, for few queries, database
-  slices) run on a small thread pool; results are merged in row order, so they are the same
-  for every thread count.
+* **Layout choices, measured** (numpy kernel, 1-thread CPU time, numpy 2.4, 64-query
+  batches): 32-bit codes as one ``uint32`` column are 16–28 % faster than padded to ``uint64``
+  and half the memory; 48-bit codes padded to one ``uint64`` are 28–47 % faster than
+  ``uint32`` + ``uint16`` columns (one popcount per code instead of two), for 8 instead of 6
+  bytes per code.
+* **Threads.** The compiled kernel and numpy's ufuncs release the GIL, so query groups (or,
+  for few queries, database slices) run on a small thread pool; results are merged in row
+  order, so they are the same for every thread count.
 
 A CUDA path (``device="cuda"``) uses torch and the ±1 matrix-product identity
 ``distance = (bits − q·dbᵀ) / 2`` with the same results and tie rule.
@@ -136,7 +137,7 @@ class HammingSearcher:
             chunk_size: Most database rows scanned per step; the default suits typical caches.
             threads: Threads for large searches; default: the CPUs this process may run on,
                 at most ``DEFAULT_MAX_THREADS``.
-            device: ``"cpu"`` for the numpy kernel, or ``"cuda"`` / ``"cuda:N"`` to search
+            device: ``"cpu"`` for the CPU kernels, or ``"cuda"`` / ``"cuda:N"`` to search
                 on a GPU with torch (the database is then held on the GPU as ±1 values).
             kernel: CPU distance kernel: ``"compiled"`` (the fused C loop built at install,
                 codes up to ``FUSED_MAX_BITS``), ``"numpy"``, or ``"auto"`` (compiled when it
@@ -821,7 +822,8 @@ def _check_kernel(kernel: Any, device: str, max_distance: int) -> bool:
         if device != "cpu":
             raise FghError(f"kernel='compiled' is a CPU kernel; the {device} search uses torch")
         if not takes_codes:
-            raise FghError(f"kernel='compiled' takes codes up to {FUSED_MAX_BITS} bits, not {max_distance}")
+            raise FghError(f"kernel='compiled' takes codes up to {FUSED_MAX_BITS} bits ({FUSED_MAX_BITS // 8} "
+                           f"bytes), not {max_distance // 8} bytes")
         if _hamming is None:
             raise BackendUnavailableError(
                 "the compiled search kernel fgh_deploy._hamming is not built (the install found no C "
