@@ -1,4 +1,4 @@
-"""Exact Hamming k-NN: fgh's numpy searcher against FAISS ``IndexBinaryFlat`` (faiss-cpu).
+"""Exact Hamming k-NN: fgh's CPU searcher against FAISS ``IndexBinaryFlat`` (faiss-cpu).
 
 Prints one table row per (codes, bits, threads, query batch): codes compared per second for
 each library, the speed-up, and whether FAISS returned the same distances / neighbours and
