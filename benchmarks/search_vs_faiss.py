@@ -6,7 +6,7 @@ ours matched an independent brute force. Both libraries run in this process on t
 random codes; "1" threads pins both to one thread, "default" leaves each at its default.
 
 Usage: python benchmarks/search_vs_faiss.py [--sizes 1000000,10000000] [--bits 32,48,64,128]
-       [--threads 1,default] [--repeats 3] [--json results.json]
+       [--threads 1,default] [--repeats 3] [--kernel auto|compiled|numpy] [--json results.json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fgh_deploy.bench import bench_search  # noqa: E402
+from fgh_deploy.search import cpu_kernel  # noqa: E402
 
 log = logging.getLogger("search_vs_faiss")
 
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--queries", default="1,64", help="query batch sizes")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernel", default="auto", help="our CPU kernel: auto, compiled or numpy")
     parser.add_argument("--json", type=Path, help="also write every report to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
@@ -42,7 +44,8 @@ def main() -> None:
     thread_settings = [None if t == "default" else int(t) for t in args.threads.split(",")]
     batches = tuple(int(q) for q in args.queries.split(","))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"# CPUs: {os.cpu_count()}, load average at start: {load}, k={args.k}, median of {args.repeats}")
+    print(f"# CPUs: {os.cpu_count()}, load average at start: {load}, k={args.k}, median of {args.repeats}, "
+          f"kernel {args.kernel} (auto here: {cpu_kernel()})")
     # Medians as the report asks; best-of-runs too, since on a shared machine the fastest run
     # is the one least disturbed by other processes, for both libraries alike.
     header = (f"{'codes':>10} {'bits':>4} {'threads':>7} {'nq':>3} {'ours Mc/s':>10} {'FAISS Mc/s':>10} "
@@ -54,7 +57,8 @@ def main() -> None:
     for n in sizes:
         for bits in bits_list:
             for threads in thread_settings:
-                report = bench_search(n, bits, queries=batches, k=args.k, repeats=args.repeats, threads=threads)
+                report = bench_search(n, bits, queries=batches, k=args.k, repeats=args.repeats, threads=threads,
+                                      kernel=args.kernel)
                 reports.append(report)
                 label = f"{report['ours']['threads']}/{report['faiss'].get('threads', '-')}"
                 for entry in report["results"]:
