@@ -2,7 +2,10 @@
  *
  * numpy needs one xor, one bitwise_count and one add pass per 64-bit word of a code; at 128 bits
  * those passes cost more than reading the codes from memory. This loop does xor + popcount + sum
- * in one pass over cache-sized tiles, with AVX-512 VPOPCNTDQ where the CPU has it.
+ * in one pass over cache-sized tiles. Variants, picked at import by what the CPU has: AVX-512
+ * VPOPCNTDQ (the compiler vectorises the plain loop), AVX2 (table-lookup popcount, written out:
+ * compilers do not vectorise popcount without VPOPCNT), scalar popcnt, and the plain loop (ARM
+ * builds: the compiler vectorises it with the target's own popcount).
  *
  * step_distances(out, ld, columns, start, stop, queries) writes, for query j and row i in
  * [start, stop):  out[j * ld + (i - start)] = sum_w popcount(columns[w][i] ^ queries[j * W + w])
@@ -15,7 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_COLUMNS 31 /* 31 words of 8 bytes hold more than 255 bits */
+#define MAX_COLUMNS 32 /* far more than codes of up to 255 bits need (4) */
 #define TILE_ROWS 512  /* a tile of every column (4 KiB per uint64 column) stays in L1 across a query group */
 
 #if defined(_MSC_VER) && !defined(__clang__)
@@ -63,30 +66,102 @@ INLINE void column_distances(uint8_t *restrict o, const Column *col, Py_ssize_t 
     }
 }
 
-INLINE void tiles(uint8_t *out, Py_ssize_t ld, const Column *cols, Py_ssize_t ncols, Py_ssize_t start,
-                  Py_ssize_t stop, const uint64_t *queries, Py_ssize_t group) {
-    for (Py_ssize_t row = start; row < stop; row += TILE_ROWS) {
-        Py_ssize_t n = stop - row < TILE_ROWS ? stop - row : TILE_ROWS;
-        for (Py_ssize_t j = 0; j < group; j++) {
-            uint8_t *o = out + j * ld + (row - start);
-            for (Py_ssize_t w = 0; w < ncols; w++)
-                column_distances(o, &cols[w], row, n, queries[j * ncols + w], w == 0);
-        }
+/* Tile by tile, so one tile of every column stays in L1 while the group's queries pass over it. */
+#define TILES_BODY(COLUMN)                                                              \
+    for (Py_ssize_t row = start; row < stop; row += TILE_ROWS) {                        \
+        Py_ssize_t n = stop - row < TILE_ROWS ? stop - row : TILE_ROWS;                 \
+        for (Py_ssize_t j = 0; j < group; j++) {                                        \
+            uint8_t *o = out + j * ld + (row - start);                                  \
+            for (Py_ssize_t w = 0; w < ncols; w++)                                      \
+                COLUMN(o, &cols[w], row, n, queries[j * ncols + w], w == 0);            \
+        }                                                                               \
     }
-}
 
 #define KERNEL_ARGS                                                                               \
     uint8_t *out, Py_ssize_t ld, const Column *cols, Py_ssize_t ncols, Py_ssize_t start, Py_ssize_t stop, \
         const uint64_t *queries, Py_ssize_t group
-#define KERNEL_CALL out, ld, cols, ncols, start, stop, queries, group
 
-static void tiles_generic(KERNEL_ARGS) { tiles(KERNEL_CALL); }
+static void tiles_generic(KERNEL_ARGS) { TILES_BODY(column_distances) }
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define HAVE_X86_DISPATCH 1
-__attribute__((target("popcnt"))) static void tiles_popcnt(KERNEL_ARGS) { tiles(KERNEL_CALL); }
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,popcnt")))
+
+/* Per-byte popcounts of 32 bytes: two 16-entry table lookups, one per nibble (no VPOPCNT in AVX2). */
+AVX2 INLINE __m256i popcount_bytes(__m256i v) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(v, nibble)),
+                           _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble)));
+}
+
+AVX2 INLINE void store_bytes(uint8_t *o, __m128i v, int first) {
+    if (!first) v = _mm_add_epi8(v, _mm_loadu_si128((const __m128i *)o));
+    _mm_storeu_si128((__m128i *)o, v);
+}
+
+/* uint64 words, 16 rows per step: four vectors of 4 counts are packed into 16 bytes in row order. */
+AVX2 INLINE Py_ssize_t column64_avx2(uint8_t *o, const uint64_t *src, Py_ssize_t n, uint64_t word, int first) {
+    const __m256i q = _mm256_set1_epi64x((long long)word), zero = _mm256_setzero_si256();
+    /* After the packs below the bytes are rows 0,4,1,5,8,12,9,13,2,6,3,7,10,14,11,15. */
+    const __m128i order = _mm_setr_epi8(0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i c[4];
+        for (int k = 0; k < 4; k++) {
+            __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(src + i + 4 * k)), q);
+            c[k] = _mm256_sad_epu8(popcount_bytes(v), zero); /* one count (<= 64) per 64-bit lane */
+        }
+        __m256i ab = _mm256_or_si256(c[0], _mm256_slli_epi64(c[1], 32));
+        __m256i cd = _mm256_or_si256(c[2], _mm256_slli_epi64(c[3], 32));
+        __m256i words16 = _mm256_packus_epi32(ab, cd);
+        __m256i bytes = _mm256_packus_epi16(words16, words16);
+        __m128i rows = _mm_unpacklo_epi64(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
+        store_bytes(o + i, _mm_shuffle_epi8(rows, order), first);
+    }
+    return i;
+}
+
+/* uint32 words, 32 rows per step: four vectors of 8 counts are packed into 32 bytes in row order. */
+AVX2 INLINE Py_ssize_t column32_avx2(uint8_t *o, const uint32_t *src, Py_ssize_t n, uint32_t word, int first) {
+    const __m256i q = _mm256_set1_epi32((int)word);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    Py_ssize_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i c[4];
+        for (int k = 0; k < 4; k++) {
+            __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(src + i + 8 * k)), q);
+            /* byte counts -> pairs (16-bit) -> quads (32-bit): one count per 32-bit lane */
+            c[k] = _mm256_madd_epi16(_mm256_maddubs_epi16(popcount_bytes(v), ones8), ones16);
+        }
+        __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+        bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        store_bytes(o + i, _mm256_castsi256_si128(bytes), first);
+        store_bytes(o + i + 16, _mm256_extracti128_si256(bytes, 1), first);
+    }
+    return i;
+}
+
+/* column_distances with AVX2 for 64- and 32-bit words; the rows left over, and narrower words,
+ * take the scalar loop. */
+AVX2 INLINE void column_distances_avx2(uint8_t *restrict o, const Column *col, Py_ssize_t row, Py_ssize_t n,
+                                       uint64_t word, int first) {
+    Py_ssize_t done = 0;
+    if (col->itemsize == 8)
+        done = column64_avx2(o, (const uint64_t *)col->data + row, n, word, first);
+    else if (col->itemsize == 4)
+        done = column32_avx2(o, (const uint32_t *)col->data + row, n, (uint32_t)word, first);
+    if (done < n) column_distances(o + done, col, row + done, n - done, word, first);
+}
+
+__attribute__((target("popcnt"))) static void tiles_popcnt(KERNEL_ARGS) { TILES_BODY(column_distances) }
+AVX2 static void tiles_avx2(KERNEL_ARGS) { TILES_BODY(column_distances_avx2) }
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq"))) static void tiles_avx512(KERNEL_ARGS) {
-    tiles(KERNEL_CALL);
+    TILES_BODY(column_distances)
 }
 #endif
 
@@ -98,7 +173,7 @@ typedef struct {
 } Variant;
 
 /* The variants this CPU can run, fastest first (Python: VARIANTS); the first is the default (KERNEL). */
-static Variant variants[3];
+static Variant variants[4];
 static int n_variants = 0;
 
 static void find_variants(void) {
@@ -107,6 +182,8 @@ static void find_variants(void) {
     if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl"))
         variants[n_variants++] = (Variant){"avx512-vpopcntdq", tiles_avx512};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
+        variants[n_variants++] = (Variant){"avx2", tiles_avx2};
     if (__builtin_cpu_supports("popcnt")) variants[n_variants++] = (Variant){"popcnt", tiles_popcnt};
 #endif
     variants[n_variants++] = (Variant){"generic", tiles_generic};

@@ -16,8 +16,8 @@ equal distances the lower row comes first (FAISS leaves ties unspecified).
 How it is fast:
 
 * **A fused kernel.** ``fgh_deploy/_hamming.c``, built at install when a C compiler is there,
-  does a step's xor, popcount and sum in one pass over L1-sized tiles (AVX-512 VPOPCNTDQ
-  where the CPU has it, picked at import). numpy needs three passes per 64-bit word; at 128
+  does a step's xor, popcount and sum in one pass over L1-sized tiles (AVX-512 VPOPCNTDQ,
+  else AVX2, else scalar popcnt, picked at import). numpy needs three passes per 64-bit word; at 128
   bits those cost more than reading the codes (1M codes, one query, one thread: 1,208 vs 493
   M codes/s). Without the compiled kernel, or for codes over ``FUSED_MAX_BITS``, the same
   steps run as numpy passes (below), with the same results.
