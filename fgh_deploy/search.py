@@ -343,8 +343,7 @@ class HammingSearcher:
         rows -= rows % block
         acc_buf = _scratch("acc", self._acc_dtype, group * rows)
         never = np.iinfo(self._acc_dtype).max
-        fill = self._fused_fill if self._fused else self._numpy_fill
-        fill_args = self._fill_args(query_columns, q_lo, q_hi, group * rows)
+        fill = self._step_filler(query_columns, q_lo, q_hi, group * rows)
         edges = [r_lo]
         if 0 < first_rows < rows:
             edges.append(min(r_lo + first_rows, r_hi))
@@ -357,37 +356,43 @@ class HammingSearcher:
                 # The last step, padded to whole blocks with the largest value: never a hit.
                 acc[:, stop - start :] = never
             dist = acc[:, : stop - start]
-            fill(acc, start, stop, fill_args)
+            fill(acc, start, stop)
             yield _Step(start, dist, acc.reshape(group, -1, block))
 
-    def _fill_args(self, query_columns: list[np.ndarray], q_lo: int, q_hi: int, size: int) -> Any:
-        """What a step fill needs for queries ``q_lo:q_hi``, made once per task."""
+    def _step_filler(
+        self, query_columns: list[np.ndarray], q_lo: int, q_hi: int, size: int
+    ) -> Callable[[np.ndarray, int, int], None]:
+        """``fill(acc, start, stop)``: distances of queries ``q_lo:q_hi`` to rows ``start:stop``
+        into the first ``stop - start`` columns of ``acc`` (steps of at most ``size`` distances)."""
         if self._fused:
             # Each query's words, zero-extended to uint64, query-major: the kernel's layout.
-            return np.stack([col[q_lo:q_hi] for col in query_columns], axis=1).astype(np.uint64)
-        # (group, 1) operands broadcast against a (rows,) slice: one xor per word per step.
+            words = np.stack([col[q_lo:q_hi] for col in query_columns], axis=1).astype(np.uint64)
+
+            def fused_fill(acc: np.ndarray, start: int, stop: int) -> None:
+                _hamming.step_distances(acc, acc.shape[1], self._columns, start, stop, words)
+
+            return fused_fill
+
+        # (group, 1) operands broadcast against a (rows,) slice: an xor, a popcount and an add
+        # pass per word column.
         query = [col[q_lo:q_hi, np.newaxis] for col in query_columns]
         xor_bufs = {col.dtype: _scratch("xor", col.dtype, size) for col in self._columns}
-        return query, xor_bufs, _scratch("count", np.uint8, size)
+        count_buf = _scratch("count", np.uint8, size)
 
-    def _fused_fill(self, acc: np.ndarray, start: int, stop: int, words: np.ndarray) -> None:
-        """Distances to rows ``start:stop`` into ``acc``'s first columns: the compiled kernel's one pass."""
-        _hamming.step_distances(acc, acc.shape[1], self._columns, start, stop, words)
+        def numpy_fill(acc: np.ndarray, start: int, stop: int) -> None:
+            dist = acc[:, : stop - start]
+            group, step_size = dist.shape[0], dist.size
+            count = count_buf[:step_size].reshape(group, -1)
+            for i, (col, words) in enumerate(zip(self._columns, query)):
+                xor = xor_bufs[col.dtype][:step_size].reshape(group, -1)
+                np.bitwise_xor(col[start:stop], words, out=xor)
+                if i == 0:
+                    np.bitwise_count(xor, out=dist)
+                else:
+                    np.bitwise_count(xor, out=count)
+                    np.add(dist, count, out=dist)
 
-    def _numpy_fill(self, acc: np.ndarray, start: int, stop: int, args: Any) -> None:
-        """:meth:`_fused_fill` with numpy: an xor, a popcount and an add pass per word column."""
-        query, xor_bufs, count_buf = args
-        dist = acc[:, : stop - start]
-        group, size = len(dist), dist.size
-        count = count_buf[:size].reshape(group, -1)
-        for i, (col, words) in enumerate(zip(self._columns, query)):
-            xor = xor_bufs[col.dtype][:size].reshape(group, -1)
-            np.bitwise_xor(col[start:stop], words, out=xor)
-            if i == 0:
-                np.bitwise_count(xor, out=dist)
-            else:
-                np.bitwise_count(xor, out=count)
-                np.add(dist, count, out=dist)
+        return numpy_fill
 
     def _knn_task(
         self, query_columns: list[np.ndarray], task: tuple[int, int, int, int], k: int
