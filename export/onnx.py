@@ -83,7 +83,7 @@ class HalfPrecisionModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.model.normalize(images).half()
-        return torch.tanh(self.model.hash_head(self.model.encode_features(x))).float()
+        return self.model.codes(self.model.encode_features(x)).float()
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:

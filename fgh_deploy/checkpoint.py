@@ -4,7 +4,7 @@ Layout (a ``torch.save`` dict, read back with ``torch.load(weights_only=True)`` 
 checkpoint can never execute code)::
 
     format          "fgh-checkpoint"
-    format_version  1
+    format_version  2 (1: before SEMICON's channel interaction and AGMH's stage were fixed)
     config          HashConfig.to_dict()       model, bits, backbone, options
     preprocess      PreprocessConfig.to_dict() input/resize size, mean/std, interpolation
     state_dict      the model's weights (CPU tensors)
@@ -34,7 +34,11 @@ from .config import HashConfig, PreprocessConfig
 from .errors import FghError
 
 FORMAT = "fgh-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Models whose computation changed in format 2, so their format-1 weights would compute other
+#: codes: SEMICON's channel interaction (channel order, scale, gates) and AGMH's stride-1 stage
+#: (dilated) and SIEA (no biases). ADSH and A²-Net format-1 checkpoints load unchanged.
+_CHANGED_IN_2 = {"semicon": "its channel-interaction blocks changed", "agmh": "its stride-1 stage is now dilated"}
 
 
 @dataclass
@@ -170,6 +174,11 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FghError(f"{path}: checkpoint format {version!r} is newer than this fgh understands "
                        f"({FORMAT_VERSION}); upgrade fgh")
+    config = payload.get("config")
+    model_name = config.get("model") if isinstance(config, dict) else None
+    if version < 2 and model_name in _CHANGED_IN_2:
+        raise FghError(f"{path}: a {model_name} checkpoint of format {version}, from an fgh before {model_name} was "
+                       f"fixed ({_CHANGED_IN_2[model_name]}); its weights no longer give its codes: retrain it")
     try:
         ckpt = Checkpoint(
             path=path,

@@ -28,6 +28,27 @@ def test_split_and_stride_one(name: str) -> None:
     assert len(backbone.info.stage_channels) == len(backbone.last_stage)
 
 
+@pytest.mark.parametrize("name", list_backbones())
+def test_dilated_stride_one_keeps_the_stride_two_output(name: str) -> None:
+    """At stride 1 the pretrained convs are dilated: every other position is the stride-2 output.
+
+    Without dilation they would read a map at half the scale they were trained on (the public AGMH
+    code), which halved the pooled features' retrieval quality on efficientnet_lite0.
+    """
+    torch.manual_seed(0)
+    backbone = build_backbone(name).eval()
+    fmap = torch.randn(2, backbone.info.trunk_channels, 6, 6)
+    with torch.no_grad():
+        out2 = backbone.copy_last_stage(stride=2)(fmap)
+        out1 = backbone.copy_last_stage(stride=1)(fmap)
+        undilated = backbone.copy_last_stage(stride=1, dilate=False)(fmap)
+    # Which phase the stride-2 conv samples depends on its padding (symmetric: even; TF "same": odd).
+    errors = [(out1[..., o::2, o::2] - out2).abs().max().item() for o in (0, 1)]
+    scale = out2.abs().max().item()
+    assert min(errors) <= 1e-4 * scale, errors
+    assert min((undilated[..., o::2, o::2] - out2).abs().max().item() for o in (0, 1)) > 1e-2 * scale
+
+
 def test_lite0_weights_map_strictly_onto_timm() -> None:
     import timm
 

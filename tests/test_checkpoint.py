@@ -122,6 +122,17 @@ def test_config_that_does_not_match_the_weights_is_refused(saved: Path) -> None:
         fgh.load_model(saved)
 
 
+@pytest.mark.parametrize("model, refused", [("semicon", True), ("agmh", True), ("adsh", False), ("a2net", False)])
+def test_format_1_checkpoints_of_changed_models_are_refused(model: str, refused: bool, tmp_path: Path) -> None:
+    path = fgh.save_checkpoint(fgh.build_model(model, 12, backbone="resnet18", input_size=32), tmp_path / "old.pt")
+    _rewrite(path, lambda p: p.update(format_version=1))
+    if refused:
+        with pytest.raises(fgh.FghError, match=f"old.pt: a {model} checkpoint of format 1.*retrain it"):
+            fgh.load_checkpoint(path)
+    else:
+        assert fgh.load_checkpoint(path).config.model == model
+
+
 def test_newer_format_is_refused(saved: Path) -> None:
     _rewrite(saved, lambda p: p.update(format_version=99))
     with pytest.raises(fgh.FghError, match="format 99 is newer"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch import nn
@@ -11,15 +11,27 @@ from torch import nn
 from ..config import HashConfig, PreprocessConfig
 from .layers import InputNormalize
 
+#: Training-only outputs a model may give next to its codes: A²-Net's "features" and tied
+#: "reconstruction", AGMH's SIEA "attention".
+TRAINING_OUTPUTS = frozenset({"reconstruction", "attention"})
+
+#: Names of the two parameter groups (:meth:`HashModel.parameter_groups`).
+PRETRAINED, NEW = "pretrained", "new"
+
 
 class HashModel(nn.Module, abc.ABC):
     """Base class: uint8 images in, (B, bits) tanh codes out.
 
+    Every model reads the backbone's stride-16 *trunk* map and computes from it; the methods
+    below take that map (``fmap``), so a trainer can compute a frozen trunk once and reuse it.
+
     ``forward`` is exactly the inference path that gets exported. Training-only computations
-    (decoders, auxiliary attention branches) live in :meth:`forward_train`, and the modules
+    (decoders, auxiliary attention branches) live in :meth:`train_outputs`, and the modules
     they use are listed by :meth:`training_only_modules` so tests can prove ``forward`` never
     reaches them.
     """
+
+    trunk: nn.Module
 
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig) -> None:
         super().__init__()
@@ -32,20 +44,59 @@ class HashModel(nn.Module, abc.ABC):
         return self.config.bits
 
     @abc.abstractmethod
-    def encode_features(self, x: torch.Tensor) -> Any:
-        """Normalised images → whatever :meth:`hash_head` consumes."""
+    def features(self, fmap: torch.Tensor) -> Any:
+        """Trunk map (B, C, H, W) → whatever :meth:`hash_head` consumes."""
 
     @abc.abstractmethod
     def hash_head(self, features: Any) -> torch.Tensor:
         """Features → pre-tanh logits (B, bits)."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.hash_head(self.encode_features(self.normalize(images))))
+    @abc.abstractmethod
+    def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled features of the branch that sees the whole image (no part attention)."""
 
-    def forward_train(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    @abc.abstractmethod
+    def pretrained_modules(self) -> list[nn.Module]:
+        """The modules that start from the backbone's (pretrained) weights; the rest is new."""
+
+    def encode_features(self, x: torch.Tensor) -> Any:
+        """Normalised images → whatever :meth:`hash_head` consumes."""
+        return self.features(self.trunk(x))
+
+    def codes(self, features: Any) -> torch.Tensor:
+        """Features → (B, bits) tanh codes."""
+        return torch.tanh(self.hash_head(features))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codes(self.encode_features(self.normalize(images)))
+
+    def forward_train(self, images: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
         """Codes plus the extra tensors the model's training losses need (``{"codes": u, ...}``)."""
-        return {"codes": self(images)}
+        return self.train_outputs(self.trunk(self.normalize(images)), want)
+
+    def train_outputs(self, fmap: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
+        """:meth:`forward_train` from the trunk map.
+
+        Args:
+            fmap: the trunk map.
+            want: which of the model's training-only outputs to compute (of
+                :data:`TRAINING_OUTPUTS`); the losses that are off need none, and AGMH's
+                attention branch costs as much as the rest of its training step.
+        """
+        return {"codes": self.codes(self.features(fmap))}
 
     def training_only_modules(self) -> dict[str, nn.Module]:
-        """Modules used by :meth:`forward_train` but never by :meth:`forward`."""
+        """Modules used by :meth:`train_outputs` but never by :meth:`forward`."""
         return {}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"pretrained": [...], "new": [...]}``: every parameter in exactly one group.
+
+        Pretrained layers need a gentle rate (they are already good); new layers (attention,
+        interaction blocks, hash layers) start from random and need a larger one.
+        """
+        pretrained = {id(p) for module in self.pretrained_modules() for p in module.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {PRETRAINED: [], NEW: []}
+        for p in self.parameters():
+            groups[PRETRAINED if id(p) in pretrained else NEW].append(p)
+        return groups

@@ -10,6 +10,7 @@ The decoder v̂ = u·W (W the hash matrix, tied) only exists for training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import HashConfig, PreprocessConfig
-from ._base import HashModel
+from ._base import TRAINING_OUTPUTS, HashModel
 from ._registry import register_model
 from .layers import AttentionHead, RefineStage, SlimAttentionStack, global_pool
 
@@ -58,14 +59,13 @@ class A2Net(HashModel):
         # kaiming_uniform(a=√5).
         self.hash = nn.Linear((options.num_parts + 1) * info.out_channels, config.bits, bias=False)
 
-    def encode_features(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.trunk(x)
+    def features(self, fmap: torch.Tensor) -> torch.Tensor:
         b, c, h, w = fmap.shape
         parts_att = self.attention(fmap)  # (B, M, H, W)
         # Broadcast instead of repeating the maps to C channels; fold the M parts into the batch.
         parts = (fmap.unsqueeze(1) * parts_att.unsqueeze(2)).reshape(-1, c, h, w)
         local = global_pool(self.refine_local(parts)).reshape(b, self.options.num_parts, -1)
-        glob = global_pool(self.refine_global(fmap))
+        glob = self.global_features(fmap)
         if self.options.normalize_parts:  # in FP32: squares overflow FP16
             dtype = local.dtype
             local, glob = F.normalize(local.float(), dim=-1).to(dtype), F.normalize(glob.float(), dim=-1).to(dtype)
@@ -75,8 +75,16 @@ class A2Net(HashModel):
     def hash_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.hash(features)
 
-    def forward_train(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Codes u, features v and the tied-weight reconstruction v̂ = u·W (for L_rec)."""
-        features = self.encode_features(self.normalize(images))
-        codes = torch.tanh(self.hash_head(features))
+    def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.refine_global(fmap))
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.trunk, self.refine_global.blocks, self.refine_local.blocks]
+
+    def train_outputs(self, fmap: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
+        """Codes u, and (if wanted) features v and the tied-weight reconstruction v̂ = u·W (for L_rec)."""
+        features = self.features(fmap)
+        codes = self.codes(features)
+        if "reconstruction" not in want:
+            return {"codes": codes}
         return {"codes": codes, "features": features, "reconstruction": codes @ self.hash.weight}

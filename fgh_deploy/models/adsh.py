@@ -33,8 +33,14 @@ class ADSH(HashModel):
         self.last_stage = backbone.last_stage
         self.hash = nn.Linear(backbone.info.out_channels, config.bits)
 
-    def encode_features(self, x: torch.Tensor) -> torch.Tensor:
-        return global_pool(self.last_stage(self.trunk(x)))
+    def features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.last_stage(fmap))
+
+    def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.features(fmap)
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.trunk, self.last_stage]
 
     def hash_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.hash(features)

@@ -8,13 +8,21 @@ for training only.
 
 The six descriptor convolutions are stored **fused** as one conv with 6·512 outputs followed by
 one BatchNorm: BatchNorm is per channel, so this equals six separate branches exactly, in
-training and in eval; :meth:`AGMH.descriptor_branches` gives the six-branch view.
+training and in eval; :meth:`AGMH.descriptor_branches` gives the six-branch view. The fused
+conv is initialised as six branches would be (kaiming-normal over one branch's fan-out, as the
+public code does per branch), not over the fused 3072 outputs.
+
+Deviation from the public code, on purpose: the stride-1 last stage is **dilated** (see
+:meth:`~fgh_deploy.backbones.Backbone.copy_last_stage`), so its pretrained weights see the
+spatial scale they were trained on; ``dilate_last_stage=False`` gives the public code's
+undilated stage.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +30,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import HashConfig, PreprocessConfig
-from ._base import HashModel
+from ._base import TRAINING_OUTPUTS, HashModel
 from ._registry import register_model
 from .layers import global_pool
 
@@ -36,13 +44,14 @@ class SIEA(nn.Module):
 
     def __init__(self, channels: int = 512, memory: int = 128, steps: int = 4) -> None:
         super().__init__()
+        # Only the input projection has a bias, as in the public code.
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.queries = nn.ModuleList(nn.Conv1d(channels, memory, 1, bias=False) for _ in range(steps))
-        self.mixers = nn.ModuleList(nn.Conv1d(2 * memory, memory, 1) for _ in range(steps - 1))
-        self.expand = nn.Conv1d(memory, channels, 1)
+        self.mixers = nn.ModuleList(nn.Conv1d(2 * memory, memory, 1, bias=False) for _ in range(steps - 1))
+        self.expand = nn.Conv1d(memory, channels, 1, bias=False)
         self.proj_out = nn.Conv2d(channels, channels, 1, bias=False)
         self.norm = nn.BatchNorm2d(channels)
-        for m in self.modules():
+        for m in self.modules():  # the public code's init: N(0, √(2/fan-out))
             if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 fan = m.kernel_size[0] * (m.kernel_size[1] if len(m.kernel_size) > 1 else 1) * m.out_channels
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan))
@@ -65,10 +74,13 @@ class AGMHOptions:
     """Args:
         num_branches: descriptor branches (top_k + 1 = 6 in the public code).
         branch_channels: channels per descriptor branch.
+        dilate_last_stage: dilate the convs after the removed stride (keeps the pretrained
+            weights' spatial scale); ``False`` is the public code's plain stride-1 stage.
     """
 
     num_branches: int = 6
     branch_channels: int = 512
+    dilate_last_stage: bool = True
 
     def __post_init__(self) -> None:
         if self.num_branches < 1 or self.branch_channels < 1:
@@ -84,26 +96,37 @@ class AGMH(HashModel):
         self.options = options
         width = options.num_branches * options.branch_channels
         self.trunk = backbone.trunk
-        self.last_stage = backbone.copy_last_stage(stride=1)
+        self.last_stage = backbone.copy_last_stage(stride=1, dilate=options.dilate_last_stage)
         self.descriptor = nn.Conv2d(backbone.info.out_channels, width, 1)
+        # std √(2 / one branch's fan-out): each fused branch gets the statistics a separate one would.
+        nn.init.normal_(self.descriptor.weight, 0.0, math.sqrt(2.0 / options.branch_channels))
         self.descriptor_norm = nn.BatchNorm2d(width)
         self.hash = nn.Linear(width, config.bits, bias=False)
         self.siea = nn.ModuleList(SIEA(options.branch_channels) for _ in range(options.num_branches))
 
-    def descriptors(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images → the fused descriptor map (B, branches·channels, H, W)."""
-        return F.relu(self.descriptor_norm(self.descriptor(self.last_stage(self.trunk(x)))))
+    def descriptors(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Trunk map → the fused descriptor map (B, branches·channels, H, W)."""
+        return F.relu(self.descriptor_norm(self.descriptor(self.last_stage(fmap))))
 
-    def encode_features(self, x: torch.Tensor) -> torch.Tensor:
-        return global_pool(self.descriptors(x))
+    def features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.descriptors(fmap))
+
+    def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        # AGMH has no part branch: every descriptor sees the whole image, and the hash reads them all.
+        return self.features(fmap)
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.trunk, self.last_stage]
 
     def hash_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.hash(features)
 
-    def forward_train(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Codes plus the SIEA outputs (B, branches, C, H, W) for the attention-dispersion loss."""
-        desc = self.descriptors(self.normalize(images))
-        codes = torch.tanh(self.hash_head(global_pool(desc)))
+    def train_outputs(self, fmap: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
+        """Codes plus (if wanted) the SIEA outputs (B, branches, C, H, W) for the attention-dispersion loss."""
+        desc = self.descriptors(fmap)
+        codes = self.codes(global_pool(desc))
+        if "attention" not in want:
+            return {"codes": codes}
         branches = desc.split(self.options.branch_channels, dim=1)
         attended = torch.stack([siea(d) for siea, d in zip(self.siea, branches)], dim=1)
         return {"codes": codes, "attention": attended}

@@ -34,10 +34,14 @@ def global_pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
-def _signed_sqrt_softmax_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(sign(A)·sqrt(|A|+1e-5)) @ v with A = q kᵀ / sqrt(dim), over the last two axes."""
+def _channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(sign(A)·sqrt(|A|+1e-5)) @ v with A = scale · q kᵀ, over the last two axes.
+
+    The rows of q, k, v are channels, so A is a channel-to-channel affinity; ``scale`` is the
+    inverse square root of the number of channels mixed (SEMICON §3.3), not of the positions.
+    """
     # Scale q before the matmul, not A after it: keeps FP16 affinities in range (models.md §8.2).
-    q = q * q.shape[-1] ** -0.5
+    q = q * scale
     # The signed square root and the softmax run in FP32 (an island in FP16 graphs): 1e-5 is
     # subnormal-adjacent in FP16 and the softmax is a reduction.
     affinity = (q @ k.transpose(-1, -2)).float()
@@ -49,9 +53,20 @@ class ChannelInteraction(nn.Module):
     """SEMICON's two-step channel interaction block ("ICON" / CT), SEMICON §3.3.
 
     Step 1 mixes channels within each of ``h`` groups of ``d`` channels (a d×d affinity per
-    group), shuffles channels, normalises; step 2 mixes across the groups (an h×h affinity per
-    channel position) and un-shuffles. Affinities are channel-to-channel, so the block is
-    independent of the spatial size.
+    group, scaled by d^-½); step 2 mixes across the groups (an h×h affinity per within-group
+    index, scaled by h^-½) on the batch-normalised, rectified result. Affinities are
+    channel-to-channel, so the block is independent of the spatial size.
+
+    Deviations from the public code, both so that the pretrained layers after the block keep the
+    input they were trained on:
+
+    * the output is in the **input's channel order** (the public code returns its residual in
+      the shuffled order of step 2, which only works there because the block after it is
+      randomly initialised by accident);
+    * each step is a residual branch with a per-channel gate that starts at 0 (as LayerScale /
+      ReZero do), and the BatchNorm sits on the branch, not on the residual path: at
+      initialisation the block is the identity in training and in eval mode, and what it adds
+      is learnt.
     """
 
     def __init__(self, channels: int) -> None:
@@ -63,18 +78,24 @@ class ChannelInteraction(nn.Module):
         self.qkv_within = nn.Conv2d(channels, 3 * channels, 1, groups=self.heads)
         self.norm = nn.BatchNorm2d(channels)
         self.qkv_across = nn.Conv2d(channels, 3 * channels, 1, groups=self.head_dim)
+        self.gate_within = nn.Parameter(torch.zeros(channels))
+        self.gate_across = nn.Parameter(torch.zeros(channels))
+        for conv in (self.qkv_within, self.qkv_across):  # the public code's init (torchvision ResNet's)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n, heads, dim = h * w, self.heads, self.head_dim
         # The q/k/v split cuts across the conv groups exactly like the official reshape.
         q, k, v = self.qkv_within(x).reshape(b, 3, heads, dim, n).unbind(1)
-        mixed = _signed_sqrt_softmax_mix(q, k, v).reshape(b, c, h, w) + x
-        shuffled = mixed.reshape(b, heads, dim, n).transpose(1, 2).reshape(b, c, h, w)
-        y = self.norm(shuffled)
-        q, k, v = self.qkv_across(F.relu(y)).reshape(b, 3, dim, heads, n).unbind(1)
-        mixed = _signed_sqrt_softmax_mix(q, k, v)  # (b, dim, heads, n)
-        return mixed.transpose(1, 2).reshape(b, c, h, w) + y
+        within = _channel_attention(q, k, v, dim ** -0.5).reshape(b, c, h, w)
+        x = x + self.gate_within.view(1, c, 1, 1) * within
+        # Step 2 groups the channels with the same within-group index: shuffle them together for
+        # its grouped conv, and un-shuffle its output back to the input's order.
+        z = F.relu(self.norm(x)).reshape(b, heads, dim, n).transpose(1, 2).reshape(b, c, h, w)
+        q, k, v = self.qkv_across(z).reshape(b, 3, dim, heads, n).unbind(1)
+        across = _channel_attention(q, k, v, heads ** -0.5)  # (b, dim, heads, n)
+        return x + self.gate_across.view(1, c, 1, 1) * across.transpose(1, 2).reshape(b, c, h, w)
 
 
 class RefineStage(nn.Module):
@@ -134,12 +155,21 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 
 class AttentionHead(nn.Module):
-    """1×1 conv (no bias) → BN → ReLU: ``maps`` non-negative attention maps."""
+    """1×1 conv (no bias) → BN → ReLU: ``maps`` non-negative attention maps.
+
+    The conv starts as in the public code (kaiming-normal, fan-out). The BatchNorm starts with
+    weight 0 and bias 1, so every map starts at 1 everywhere: each part sees the whole feature
+    map (its features equal the global branch's) and the maps learn where to look from there,
+    instead of starting as random masks that hide most of what the pretrained stage needs.
+    """
 
     def __init__(self, in_channels: int, maps: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, maps, 1, bias=False)
         self.bn = nn.BatchNorm2d(maps)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.bn.weight)
+        nn.init.ones_(self.bn.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))

@@ -14,6 +14,12 @@ Deviations from the public code, on purpose:
 * The code split ``k_g = k − 3⌊k/6⌋`` works for any k ≥ 6 (the public code only for 12/24/32/48).
 * The three parts go through the shared stage as one batch (identical in eval mode; in training
   BatchNorm pools its statistics over the three parts).
+* The channel interaction (ICON, :class:`~.layers.ChannelInteraction`) returns its output in the
+  input's channel order (the public code returns it shuffled, which a pretrained layer behind it
+  cannot read), scales attention by the head dimension as the paper does, and adds its two
+  branches through zero-initialised gates, so at initialisation the global branch is exactly the
+  pretrained backbone and training moves it away only as far as the hash loss asks.
+* The attention heads start as all-ones maps (see :class:`~.layers.AttentionHead`).
 """
 
 from __future__ import annotations
@@ -101,12 +107,17 @@ class SEMICON(HashModel):
                 feats = feats * (2.0 - suppression_mask(att, self.options.alpha))
         return maps
 
-    def encode_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.trunk(x)
+    def features(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = fmap.shape[0]
         parts = torch.cat([att * fmap for att in self.attention_maps(fmap)], dim=0)
         local = global_pool(self.refine_local(parts)).reshape(NUM_PARTS, b, -1)
-        return global_pool(self.refine_global(fmap)), local
+        return self.global_features(fmap), local
+
+    def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return global_pool(self.refine_global(fmap))
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.trunk, self.refine_global.blocks, self.refine_local.blocks]
 
     def hash_head(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         glob, local = features
