@@ -7,7 +7,9 @@
 
 Both report mAP@all with the tie rule used (stable: distance, then database order) and the
 tie-aware expectation with its best/worst range, mAP@k, precision@k, precision within Hamming
-radius 2, and the chance level.
+radius 2, and the chance level. With ``baselines``, the same metrics for LSH and ITQ codes and
+for float cosine search on the backbone's pretrained features (:mod:`train.baselines`): what
+training bought.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel
 
+from .baselines import evaluate_baselines, pretrained_features
 from .data import HashingDataset, LabeledImageDataset, Sample, load_dataset
 from .dcc import sign_plus
 from .metrics import evaluate_retrieval
@@ -45,7 +48,7 @@ def encode_samples(model: HashModel, samples: Sequence[Sample], root: Path, devi
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike | None = None, *,
                         topks: Sequence[int] = (100, 1000), radius: int = 2, device: str = "auto",
-                        workers: int = 2) -> dict[str, Any]:
+                        workers: int = 2, baselines: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset's query split against its database split.
 
     Args:
@@ -55,9 +58,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         radius: Hamming radius for precision within radius.
         device: ``auto``, ``cpu`` or ``cuda``.
         workers: decoding processes.
+        baselines: also evaluate LSH, ITQ and float cosine on the backbone's pretrained
+            features (the weights the checkpoint's training started from).
 
     Returns:
-        A JSON-serialisable dict (``schema_version`` 1) with one metrics dict per protocol.
+        A JSON-serialisable dict (``schema_version`` 1) with one metrics dict per protocol,
+        and with ``baselines`` a ``baselines`` dict (``lsh``, ``itq``, ``cosine``).
     """
     ckpt = load_checkpoint(checkpoint)
     train_config = ckpt.extra.get("train_config") or {}
@@ -100,7 +106,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         **evaluate_retrieval(query_codes.numpy(), query_labels, network_db.numpy(), db_labels,
                              topks=tuple(topks), radius=radius),
     }
-    return {
+    report = {
         "schema_version": 1,
         "checkpoint": str(checkpoint),
         "model": ckpt.config.to_dict(),
@@ -109,3 +115,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         "selection": ckpt.extra.get("selection"),
         "protocols": protocols,
     }
+    if baselines:
+        weights = train_config.get("pretrained", True) or True  # a --no-pretrained run: compare with ImageNet's
+        features = lambda samples: pretrained_features(  # noqa: E731
+            ckpt.config.backbone, weights, ckpt.preprocess, samples, dataset.root, device=resolved, workers=workers)
+        report["baselines"] = {
+            "description": f"{ckpt.config.bits}-bit LSH and ITQ codes, and float cosine, on the pretrained "
+                           f"{ckpt.config.backbone} pooled features (fitted on the database split)",
+            **evaluate_baselines(features(dataset.query), query_labels, features(dataset.database), db_labels,
+                                 ckpt.config.bits, topks=tuple(topks), radius=radius),
+        }
+    return report
