@@ -228,13 +228,18 @@ def train(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
     num_samples: Annotated[int | None, typer.Option("--num-samples", min=1)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Rate of the layers that start from pretrained weights.")] = None,
+    lr_new: Annotated[float | None, typer.Option("--lr-new", help="Rate of the new layers (attention, interaction, hash).")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd (the papers') or adamw.")] = None,
     momentum: Annotated[float | None, typer.Option("--momentum")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
     lr_steps: Annotated[str | None, typer.Option("--lr-steps", help="Comma-separated iterations, e.g. 30,35.")] = None,
     gamma: Annotated[float | None, typer.Option("--gamma", help="Quantization weight.")] = None,
+    aux_start: Annotated[float | None, typer.Option("--aux-start", help="A²-Net: fraction of the iterations after which its reconstruction and decorrelation losses start (1: never).")] = None,
+    adl_weight: Annotated[float | None, typer.Option("--adl-weight", help="AGMH: weight of the attention-dispersion loss (0: its attention branch does not run).")] = None,
     nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov")] = None,
     freeze_trunk: Annotated[bool | None, typer.Option("--freeze-trunk/--train-trunk", help="Keep the shared trunk at its pretrained weights.")] = None,
+    trunk_cache_views: Annotated[int | None, typer.Option("--trunk-cache-views", min=0, help="With a frozen trunk: its output for this many augmented views per image, computed once (0: every pass).")] = None,
     crop_scale: Annotated[str | None, typer.Option("--crop-scale", help="RandomResizedCrop scale range, e.g. 0.08,1.")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction")] = None,
     select_on: Annotated[str | None, typer.Option("--select-on", help="val, or query (the papers' test-set selection).")] = None,
@@ -261,8 +266,10 @@ def train(
         config = make_config(
             preset, data=str(data), model=model, bits=bits, out=str(out), backbone=backbone, pretrained=pretrained,
             input_size=input_size, model_options=_parse_options(option), iterations=iterations, epochs=epochs,
-            num_samples=num_samples, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            num_samples=num_samples, batch_size=batch_size, lr=lr, lr_new=lr_new, optimizer=optimizer,
+            momentum=momentum, weight_decay=weight_decay, trunk_cache_views=trunk_cache_views,
             lr_steps=[int(v) for v in lr_steps.split(",") if v] if lr_steps else None, gamma=gamma,
+            aux_start=aux_start, adl_weight=adl_weight,
             nesterov=nesterov, freeze_trunk=freeze_trunk,
             crop_scale=tuple(float(v) for v in crop_scale.split(",")) if crop_scale else None,
             val_fraction=val_fraction, select_on=select_on, eval_every=eval_every, workers=workers, seed=seed,
@@ -289,17 +296,23 @@ def eval_(
     radius: Annotated[int, typer.Option("--radius", min=0)] = 2,
     workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
     device: DeviceOption = "auto",
+    baselines: Annotated[bool, typer.Option(
+        "--baselines", help="Also LSH and ITQ codes and float cosine on the backbone's pretrained features.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """mAP and precision of a checkpoint: the papers' asymmetric protocol and the deployed one."""
     from train.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint, data, topks=tuple(top_k or (100, 1000)), radius=radius,
-                                 device=device, workers=workers)
+                                 device=device, workers=workers, baselines=baselines)
     if as_json:
         _print_json(report)
         return
-    protocols = report["protocols"]
+    protocols = dict(report["protocols"])
+    columns = {"lsh": "LSH", "itq": "ITQ", "cosine": "float cosine"}
+    for name, label in columns.items():
+        if name in report.get("baselines", {}):
+            protocols[label] = report["baselines"][name]
     stdout.print(f"fgh eval {checkpoint}: {report['model']['model']} {report['model']['bits']} bits, "
                  f"{report['data']['query']} queries × {report['data']['database']} database", soft_wrap=True,
                  markup=False)
@@ -316,8 +329,10 @@ def eval_(
     for key, label in keys:
         table.add_row(label, *[_fmt(p.get(key)) for p in protocols.values()])
     stdout.print(table)
-    for name, p in protocols.items():
+    for name, p in report["protocols"].items():
         stdout.print(f"  {name}: {p['description']}", soft_wrap=True)
+    if "baselines" in report:
+        stdout.print(f"  baselines: {report['baselines']['description']}", soft_wrap=True)
     selection = report.get("selection") or {}
     if selection:
         stdout.print(f"  checkpoint chosen on the {selection.get('split')} split "

@@ -42,12 +42,16 @@ def adsh_loss(codes: torch.Tensor, similarity: torch.Tensor, database_codes: tor
     return hash_term, quant_term
 
 
-def decorrelation_loss(codes: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A²-Net: mean((UᵀU − bs·I)²) / (bs·k), pushing the bits of a batch to be uncorrelated."""
-    k = codes.shape[1]
+def decorrelation_loss(codes: torch.Tensor) -> torch.Tensor:
+    """A²-Net: mean((UᵀU − bs·I)²) / (bs·k), pushing the bits of a batch to be uncorrelated.
+
+    bs is the number of rows of this batch: the public code uses the configured batch size,
+    whose target bs·I is wrong for a short last batch (its ±1 codes have UᵀU diagonal = rows).
+    """
+    rows, k = codes.shape
     gram = codes.T @ codes
     eye = torch.eye(k, device=codes.device, dtype=codes.dtype)
-    return ((gram - batch_size * eye) ** 2).mean() / (batch_size * k)
+    return ((gram - rows * eye) ** 2).mean() / (rows * k)
 
 
 def reconstruction_loss(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
@@ -74,15 +78,20 @@ def attention_dispersion_loss(attention: torch.Tensor) -> torch.Tensor:
     return total / (len(pairs) * b)
 
 
+def wanted_outputs(*, use_reconstruction: bool, adl_weight: float) -> frozenset[str]:
+    """The training-only model outputs that the active loss terms read (see :func:`training_losses`)."""
+    return frozenset({"reconstruction"} if use_reconstruction else set()) | (
+        {"attention"} if adl_weight > 0 else set())
+
+
 def training_losses(out: dict[str, torch.Tensor], similarity: torch.Tensor, database_codes: torch.Tensor,
-                    sampled_codes: torch.Tensor, *, gamma: float, batch_size: int, use_reconstruction: bool,
+                    sampled_codes: torch.Tensor, *, gamma: float, use_reconstruction: bool,
                     adl_weight: float) -> dict[str, torch.Tensor]:
     """Every loss term of one batch, by name; their sum is the training loss.
 
     Args:
         out: ``model.forward_train(images)`` (``codes`` plus model-specific tensors).
         similarity, database_codes, sampled_codes, gamma: see :func:`adsh_loss`.
-        batch_size: the configured batch size (A²-Net's decorrelation target bs·I).
         use_reconstruction: add A²-Net's reconstruction + decorrelation terms (from half of training on).
         adl_weight: weight of AGMH's attention-dispersion loss (used when ``out`` has ``attention``).
     """
@@ -91,7 +100,7 @@ def training_losses(out: dict[str, torch.Tensor], similarity: torch.Tensor, data
     terms = {"hash": hash_term, "quant": quant_term}
     if use_reconstruction and "reconstruction" in out:
         terms["rec"] = reconstruction_loss(out["features"].float(), out["reconstruction"].float())
-        terms["dec"] = decorrelation_loss(codes, batch_size)
-    if "attention" in out:
+        terms["dec"] = decorrelation_loss(codes)
+    if "attention" in out and adl_weight > 0:
         terms["adl"] = adl_weight * attention_dispersion_loss(out["attention"])
     return terms

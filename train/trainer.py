@@ -8,8 +8,13 @@ the public code, on purpose:
   on the query split; ``select_on="query"`` reproduces the papers' selection, labelled as such.
 * every outer iteration reseeds from (seed, iteration), so ``--resume`` after a kill continues
   exactly as an uninterrupted run would (on CPU, bit for bit);
-* data loading runs in worker processes with pinned memory; AMP and channels-last on CUDA;
-  ``torchrun`` gives distributed data-parallel training (NCCL on GPUs, gloo on CPU).
+* two parameter groups: the layers that start from pretrained weights train at ``lr``, the new
+  ones at ``lr_new`` (printed at the start);
+* with a frozen trunk and ``trunk_cache_views``, the trunk runs once per image and view, not
+  on every pass (:mod:`train.trunk_cache`); the validation images' trunk maps are cached too;
+* data loading runs in worker processes with pinned memory; channels-last memory (faster
+  convolutions on CPUs and GPUs), AMP on CUDA; ``torchrun`` gives distributed data-parallel
+  training (NCCL on GPUs, gloo on CPU).
 
 Outputs in ``out/``: ``last.pt`` (model + full training state, written after every iteration),
 ``best.pt``, ``metrics.jsonl`` (one line per iteration) and ``config.json``.
@@ -35,13 +40,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from fgh_deploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel, build_model
+from fgh_deploy.models._base import NEW, PRETRAINED
 
 from .config import TrainConfig
 from .data import HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset, one_hot
-from .dcc import update_database_codes
+from .dcc import sign_plus, update_database_codes
 from .evaluate import encode_samples
-from .losses import soft_similarity, training_losses
+from .losses import soft_similarity, training_losses, wanted_outputs
 from .metrics import mean_average_precision
+from .trunk_cache import TrunkCache, build_trunk_cache, bytes_per_map, views_that_fit
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +69,20 @@ class TrainResult:
 
 
 class _TrainForward(nn.Module):
-    """Makes ``forward_train`` the module's forward, so DistributedDataParallel hooks see it."""
+    """Makes the training forward the module's forward, so DistributedDataParallel hooks see it.
 
-    def __init__(self, model: HashModel) -> None:
+    It takes images, or trunk maps when the trunk's output comes from a :class:`TrunkCache`.
+    """
+
+    def __init__(self, model: HashModel, from_trunk: bool) -> None:
         super().__init__()
         self.model = model
+        self.from_trunk = from_trunk
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.forward_train(images)
+    def forward(self, inputs: torch.Tensor, want: frozenset[str]) -> dict[str, torch.Tensor]:
+        if self.from_trunk:
+            return self.model.train_outputs(inputs, want)
+        return self.model.forward_train(inputs, want)
 
 
 class _SeededShuffle(Sampler[int]):
@@ -123,13 +136,24 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def _loader(samples: list[Sample], data: HashingDataset, model: HashModel, config: TrainConfig, *, train: bool,
-            batch_size: int, sampler: Sampler | None, device: torch.device) -> DataLoader:
-    dataset = LabeledImageDataset(samples, data.root, model.preprocess, train=train, crop_scale=config.crop_scale)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=config.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False, drop_last=False,
+def _loader(samples: list[Sample], data: HashingDataset, model: HashModel, config: TrainConfig, *,
+            batches: list[list[int]], device: torch.device) -> DataLoader:
+    dataset = LabeledImageDataset(samples, data.root, model.preprocess, train=True, crop_scale=config.crop_scale)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False,
                       multiprocessing_context="fork" if config.workers and sys.platform == "linux" else None)
+
+
+def _chunks(order: list[int], batch_size: int) -> list[list[int]]:
+    """``order`` in batches of ``batch_size``; a last batch of one image joins the one before.
+
+    BatchNorm in training needs more than one value per channel, which one image at a 1×1
+    feature map (small inputs) does not give.
+    """
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2].extend(chunks.pop())
+    return chunks
 
 
 class Trainer:
@@ -156,13 +180,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, cfg.bits, backbone=cfg.backbone, pretrained=cfg.pretrained,
                                  input_size=cfg.input_size, **cfg.model_options).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.freeze_trunk:
             self.model.trunk.requires_grad_(False)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        if cfg.adl_weight == 0:
+            # AGMH's attention branch only feeds its attention-dispersion loss: with the loss off it
+            # never runs, and frozen parameters keep it out of the optimizer and of DDP's reduction.
+            for module in self.model.training_only_modules().values():
+                module.requires_grad_(False)
+        if cfg.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                self._parameter_groups(), lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self._parameter_groups(), lr=cfg.lr, momentum=cfg.momentum,
+                                             nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=cfg.lr_steps,
                                                               gamma=cfg.lr_decay)
         # The public code starts B from a real-valued Gaussian (models.md §1.1).
@@ -172,7 +203,8 @@ class Trainer:
         self.last_map: float | None = None
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        step = _TrainForward(self.model)
+        self.trunk_cache, self.val_cache = self._build_caches()
+        step = _TrainForward(self.model, from_trunk=self.trunk_cache is not None)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
@@ -186,6 +218,51 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / CONFIG, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
             (self.out / METRICS).unlink(missing_ok=True)
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's groups (pretrained at ``lr``, new at ``lr_new``), logged once."""
+        cfg = self.config
+        rates = {PRETRAINED: cfg.lr, NEW: cfg.new_lr}
+        groups, lines = [], []
+        for name, params in self.model.parameter_groups().items():
+            trainable = [p for p in params if p.requires_grad]
+            frozen = sum(p.numel() for p in params if not p.requires_grad)
+            if trainable:
+                groups.append({"params": trainable, "lr": rates[name], "name": name})
+            count = sum(p.numel() for p in trainable) / 1e6
+            lines.append(f"{name} {count:.2f} M params at lr {rates[name]:g}"
+                         + (f" (+{frozen / 1e6:.2f} M frozen)" if frozen else ""))
+        if self.is_main:
+            log.info("parameter groups: %s", "; ".join(lines))
+        return groups
+
+    def _build_caches(self) -> tuple[TrunkCache | None, TrunkCache | None]:
+        """Trunk maps of the training images' views and of the validation images, if configured."""
+        cfg = self.config
+        if not cfg.trunk_cache_views:
+            return None, None
+        map_bytes = bytes_per_map(self.model, cfg.input_size)
+        views = views_that_fit(cfg.trunk_cache_views, len(self.train_db) + len(self.val), map_bytes,
+                               cfg.trunk_cache_gb)
+        if views == 0:
+            if self.is_main:
+                log.warning("trunk cache: one view of %d images needs %.1f GB, over trunk_cache_gb=%g; running "
+                            "the trunk on every pass instead", len(self.train_db), len(self.train_db) * map_bytes / 1e9,
+                            cfg.trunk_cache_gb)
+            return None, None
+        if views < cfg.trunk_cache_views and self.is_main:
+            log.warning("trunk cache: %d of %d views fit in trunk_cache_gb=%g", views, cfg.trunk_cache_views,
+                        cfg.trunk_cache_gb)
+        preprocess = self.model.preprocess
+        train_images = LabeledImageDataset(self.train_db, self.data.root, preprocess, train=True,
+                                           crop_scale=cfg.crop_scale)
+        common = dict(seed=cfg.seed, device=self.device, workers=cfg.workers, progress=self.show_progress)
+        cache = build_trunk_cache(self.model, train_images, views, label="trunk cache (training views)", **common)
+        val = None
+        if self.val and cfg.select_on == "val":
+            val_images = LabeledImageDataset(self.val, self.data.root, preprocess, train=False)
+            val = build_trunk_cache(self.model, val_images, 1, label="trunk cache (validation)", **common)
+        return cache, val
 
     def _load_state(self) -> None:
         path = self.out / LAST
@@ -259,31 +336,22 @@ class Trainer:
         sim_dev = similarity.to(self.device)
         omega_dev = omega.to(self.device)
         use_aux = iteration >= int(cfg.iterations * cfg.aux_start)
+        want = wanted_outputs(use_reconstruction=use_aux, adl_weight=cfg.adl_weight)
         sums: dict[str, float] = {}
         self.model.train()
         if cfg.freeze_trunk:
             self.model.trunk.eval()  # frozen BatchNorm statistics too
         for epoch in range(cfg.epochs):
-            seed = _iteration_seed(cfg.seed, iteration, epoch + 1)
-            if self.world > 1:
-                sampler: Sampler = DistributedSampler(range(len(sampled)), num_replicas=self.world, rank=self.rank,
-                                                      shuffle=True, seed=seed)
-            else:
-                sampler = _SeededShuffle(len(sampled), seed)
-            loader = _loader(sampled, self.data, self.model, cfg, train=True, batch_size=cfg.batch_size,
-                             sampler=sampler, device=self.device)
-            for images, _, local in self._progress(loader, iteration, epoch, sums):
-                images = images.to(self.device, non_blocking=True)
-                if self.device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
+            for inputs, local in self._progress(self._batches(sampled, omega, iteration, epoch), iteration, epoch,
+                                                sums):
+                inputs = inputs.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 local_dev = local.to(self.device)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    out = self.step_module(images)
+                    out = self.step_module(inputs, want)
                 u = out["codes"].float()
                 terms = training_losses(out, sim_dev[local_dev], codes_dev, codes_dev[omega_dev[local_dev]],
-                                        gamma=cfg.gamma, batch_size=cfg.batch_size, use_reconstruction=use_aux,
-                                        adl_weight=cfg.adl_weight)
+                                        gamma=cfg.gamma, use_reconstruction=use_aux, adl_weight=cfg.adl_weight)
                 loss = sum(terms.values())
                 if not torch.isfinite(loss):
                     raise FghError(f"training diverged at iteration {iteration} (loss {loss.item()}); "
@@ -308,15 +376,36 @@ class Trainer:
         self.codes = update_database_codes(self.codes, outputs, similarity, omega, cfg.gamma)
         seconds = time.perf_counter() - tick
         seen = sums.pop("seen", 0.0)
-        record = {"iteration": iteration, "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2),
-                  "images_per_second": round(seen * self.world / seconds, 2)}
+        record: dict[str, Any] = {"iteration": iteration, "seconds": round(seconds, 2),
+                                  "images_per_second": round(seen * self.world / seconds, 2)}
+        record.update({f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups})
         record.update({k: v / max(seen, 1.0) for k, v in sums.items()})
         return record
 
-    def _progress(self, loader: DataLoader, iteration: int, epoch: int, sums: dict[str, float]) -> Iterator:
-        """``loader``'s batches; on a terminal also a bar with the running loss and images/s."""
+    def _batches(self, sampled: list[Sample], omega: torch.Tensor, iteration: int,
+                 epoch: int) -> "_Batches":
+        """One epoch's ``(images or trunk maps, local indices into the sample)`` batches."""
+        cfg = self.config
+        seed = _iteration_seed(cfg.seed, iteration, epoch + 1)
+        if self.world > 1:
+            sampler: Sampler = DistributedSampler(range(len(sampled)), num_replicas=self.world, rank=self.rank,
+                                                  shuffle=True, seed=seed)
+        else:
+            sampler = _SeededShuffle(len(sampled), seed)
+        chunks = _chunks(list(sampler), cfg.batch_size)
+        if self.trunk_cache is None:
+            loader = _loader(sampled, self.data, self.model, cfg, batches=chunks, device=self.device)
+            return _Batches(((images, local) for images, _, local in loader), len(loader))
+        # Which cached view each pass uses: drawn per (iteration, epoch), so every epoch sees new views.
+        views = torch.randint(self.trunk_cache.views, (len(sampled),), generator=torch.Generator().manual_seed(seed))
+        cache, cpu = self.trunk_cache, torch.device("cpu")
+        locals_ = [torch.tensor(chunk, dtype=torch.long) for chunk in chunks]
+        return _Batches(((cache.gather(omega[local], views[local], cpu), local) for local in locals_), len(locals_))
+
+    def _progress(self, batches: "_Batches", iteration: int, epoch: int, sums: dict[str, float]) -> Iterator:
+        """The batches; on a terminal also a bar with the running loss and images/s."""
         if not self.show_progress:
-            yield from loader
+            yield from batches
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -326,8 +415,8 @@ class Trainer:
                    TextColumn("{task.fields[rate]:.1f} img/s"), TimeRemainingColumn())
         started, seen_before = time.perf_counter(), sums.get("seen", 0.0)
         with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
-            task = bar.add_task("train", total=len(loader), loss=0.0, rate=0.0)
-            for batch in loader:
+            task = bar.add_task("train", total=len(batches), loss=0.0, rate=0.0)
+            for batch in batches:
                 yield batch
                 seen = sums.get("seen", 0.0)
                 bar.update(task, advance=1, loss=sums.get("loss", 0.0) / max(seen, 1.0),
@@ -342,7 +431,10 @@ class Trainer:
             queries, split = self.val, "val"
         else:
             return {}
-        query_codes = encode_samples(self.model, queries, self.data.root, self.device, workers=cfg.workers)
+        if self.val_cache is not None and queries is self.val:
+            query_codes = self._encode_cached(self.val_cache)
+        else:
+            query_codes = encode_samples(self.model, queries, self.data.root, self.device, workers=cfg.workers)
         query_labels = torch.tensor([s.label for s in queries])
         db_labels = torch.tensor([s.label for s in self.train_db])
         score = mean_average_precision(query_codes.numpy(), query_labels.numpy(), self.codes.numpy(),
@@ -354,6 +446,18 @@ class Trainer:
                         "chance; train again with a lower --lr (this run: %g)", len(queries), split.split(" ")[0],
                         distinct, cfg.lr)
         return {"map": float(score), "map_split": split, "distinct_codes": distinct}
+
+    @torch.no_grad()
+    def _encode_cached(self, cache: TrunkCache, batch_size: int = 64) -> torch.Tensor:
+        """±1 codes of the images whose eval-view trunk maps ``cache`` holds (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        rows = torch.arange(cache.maps.shape[1])
+        codes = [sign_plus(self.model.codes(self.model.features(
+            cache.gather(chunk, torch.zeros_like(chunk), self.device).contiguous(memory_format=torch.channels_last)
+        )).float()).cpu() for chunk in rows.split(batch_size)]
+        self.model.train(was_training)
+        return torch.cat(codes)
 
     def _save(self, path: Path, iteration: int, *, with_state: bool) -> None:
         model = self.model
@@ -390,6 +494,19 @@ class Trainer:
         if "map" in record:
             parts.append(f"mAP({record['map_split'].split()[0]}) {record['map']:.4f}")
         log.info("  ".join(parts))
+
+
+class _Batches:
+    """An iterable of batches that knows how many it holds (for the progress bar)."""
+
+    def __init__(self, batches: Iterator, count: int) -> None:
+        self._batches, self._count = batches, count
+
+    def __iter__(self) -> Iterator:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def _truncate_metrics(path: Path, next_iteration: int) -> None:
