@@ -230,6 +230,7 @@ def train(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Rate of the layers that start from pretrained weights.")] = None,
     lr_new: Annotated[float | None, typer.Option("--lr-new", help="Rate of the new layers (attention, interaction, hash).")] = None,
+    scale_hash_rate: Annotated[bool | None, typer.Option("--scale-hash-rate/--no-scale-hash-rate", help="Hash layers at lr-new × feature width / fan-in (default; off in the paper presets).")] = None,
     optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd (the papers') or adamw.")] = None,
     momentum: Annotated[float | None, typer.Option("--momentum")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
@@ -266,7 +267,7 @@ def train(
         config = make_config(
             preset, data=str(data), model=model, bits=bits, out=str(out), backbone=backbone, pretrained=pretrained,
             input_size=input_size, model_options=_parse_options(option), iterations=iterations, epochs=epochs,
-            num_samples=num_samples, batch_size=batch_size, lr=lr, lr_new=lr_new, optimizer=optimizer,
+            num_samples=num_samples, batch_size=batch_size, lr=lr, lr_new=lr_new, scale_hash_rate=scale_hash_rate, optimizer=optimizer,
             momentum=momentum, weight_decay=weight_decay, trunk_cache_views=trunk_cache_views,
             lr_steps=[int(v) for v in lr_steps.split(",") if v] if lr_steps else None, gamma=gamma,
             aux_start=aux_start, adl_weight=adl_weight,

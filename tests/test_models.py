@@ -303,18 +303,30 @@ def test_parameter_groups_split_pretrained_from_new_layers(backbone: str, tmp_pa
     loaded = {tuple(t.shape): t for t in weights.values()}
     for name, model in models.items():
         groups = model.parameter_groups()
-        assert set(groups) == {"pretrained", "new"}
+        assert set(groups) == {"pretrained", "new", "hash"}
         ids = [id(p) for group in groups.values() for p in group]
         assert sorted(ids) == sorted(id(p) for p in model.parameters()), f"{name}: not a partition"
         names = {id(p): n for n, p in model.named_parameters()}
         new = {names[id(p)] for p in groups["new"]}
-        pretrained = {names[id(p)] for p in groups["pretrained"]}
-        assert any(n.startswith("hash") for n in new) and not any(n.startswith("hash") for n in pretrained)
-        assert not any(n.startswith("trunk") for n in new)
+        hash_names = {names[id(p)] for p in groups["hash"]}
+        assert hash_names and all(n.startswith("hash") for n in hash_names)
+        assert not any(n.startswith("hash") for n in new) and not any(n.startswith("trunk") for n in new)
         # Every pretrained parameter holds a tensor of the weights file (the copied stages keep theirs).
         for p in groups["pretrained"]:
             assert any(torch.equal(p, t) for t in weights.values() if t.shape == p.shape), names[id(p)]
         assert loaded  # the file is not empty
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_hash_rate_scale_is_feature_width_over_fan_in(backbone: str) -> None:
+    """Adam moves a linear layer's output ∝ its fan-in: wide hash layers get a proportionally lower rate."""
+    width = fgh.build_backbone(backbone).info.out_channels
+    expected = {"adsh": 1.0, "semicon": 1.0, "a2net": 1 / 5}
+    for name, scale in expected.items():
+        model = fgh.build_model(name, 32, backbone=backbone, input_size=SIZE)
+        assert model.hash_rate_scale() == pytest.approx(scale), name
+    agmh = fgh.build_model("agmh", 32, backbone=backbone, input_size=SIZE)
+    assert agmh.hash_rate_scale() == pytest.approx(min(1.0, width / agmh.hash.in_features))
 
 
 def test_real_images_global_branch_keeps_the_pretrained_retrieval_quality(cub100) -> None:

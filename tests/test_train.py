@@ -324,7 +324,22 @@ def test_parameter_groups_train_at_their_own_rates(tiny_data: Path, tmp_path: Pa
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("parameter groups"))
     assert "pretrained" in line and "at lr 0.002 (+" in line and "new" in line and "at lr 0.03" in line
     record = json.loads((tmp_path / "g" / METRICS).read_text().splitlines()[0])
-    assert record["lr/pretrained"] == 2e-3 and record["lr/new"] == 3e-2
+    # SEMICON's hash layers each read one pooled feature vector: the new layers' rate, unscaled.
+    assert record["lr/pretrained"] == 2e-3 and record["lr/new"] == record["lr/hash"] == 3e-2
+
+
+def test_wide_hash_layers_train_at_a_scaled_rate(tiny_data: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="train.trainer"):
+        train(_config(tiny_data, tmp_path / "s", model="a2net", iterations=1, lr_new=1e-2), progress=False)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("parameter groups"))
+    assert "hash" in line and "lr-new × 0.20" in line
+    record = json.loads((tmp_path / "s" / METRICS).read_text().splitlines()[0])
+    assert record["lr/hash"] == pytest.approx(2e-3) and record["lr/new"] == 1e-2
+    train(_config(tiny_data, tmp_path / "u", model="a2net", iterations=1, lr_new=1e-2, scale_hash_rate=False),
+          progress=False)
+    record = json.loads((tmp_path / "u" / METRICS).read_text().splitlines()[0])
+    assert record["lr/hash"] == record["lr/new"] == 1e-2
 
 
 @pytest.mark.parametrize("cached", [False, True])

@@ -22,7 +22,9 @@ class TrainConfig:
     Two parameter groups (each model declares which layer is which): ``lr`` for the layers
     that start from the backbone's pretrained weights, ``lr_new`` for the layers that start
     from random (attention, interaction blocks, hash layers); ``None`` means ``lr`` (the
-    papers train everything at one rate).
+    papers train everything at one rate). With ``scale_hash_rate`` the hash layers train at
+    ``lr_new`` × the model's :meth:`~fgh_deploy.models.HashModel.hash_rate_scale` (feature width
+    / fan-in), so a wide hash layer's codes move per step as ADSH's do.
     """
 
     data: str
@@ -40,6 +42,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 2.5e-4
     lr_new: float | None = None
+    scale_hash_rate: bool = True
     #: "sgd" (the papers', with ``momentum``/``nesterov``) or "adamw" (``momentum`` is its β1).
     optimizer: str = "sgd"
     momentum: float = 0.91
@@ -114,13 +117,13 @@ class TrainConfig:
 # iterations means the rate never decays, exactly as in the papers' runs.
 PAPER_PRESETS: dict[str, dict[str, Any]] = {
     "semicon": dict(optimizer="sgd", iterations=40, epochs=30, num_samples=2000, batch_size=16, lr=2.5e-4, momentum=0.91,
-                    nesterov=True, weight_decay=1e-4, lr_steps=[40]),
+                    nesterov=True, weight_decay=1e-4, lr_steps=[40], scale_hash_rate=False),
     "adsh": dict(optimizer="sgd", iterations=40, epochs=30, num_samples=2000, batch_size=16, lr=2.5e-4, momentum=0.91,
-                 nesterov=True, weight_decay=1e-4, lr_steps=[40]),
+                 nesterov=True, weight_decay=1e-4, lr_steps=[40], scale_hash_rate=False),
     "agmh": dict(optimizer="sgd", iterations=40, epochs=30, num_samples=2000, batch_size=32, lr=1e-3, momentum=0.9,
-                 nesterov=True, weight_decay=1e-4, lr_steps=[40]),
+                 nesterov=True, weight_decay=1e-4, lr_steps=[40], scale_hash_rate=False),
     "a2net": dict(optimizer="sgd", iterations=40, epochs=30, num_samples=2000, batch_size=16, lr=1e-4, momentum=0.9,
-                  nesterov=False, weight_decay=1e-4, lr_steps=[35]),
+                  nesterov=False, weight_decay=1e-4, lr_steps=[35], scale_hash_rate=False),
 }
 
 # A short schedule for a first result on a CPU (see the README's cub100 table): the trunk frozen

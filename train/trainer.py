@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from fgh_deploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel, build_model
-from fgh_deploy.models._base import NEW, PRETRAINED
+from fgh_deploy.models._base import HASH, NEW, PRETRAINED
 
 from .config import TrainConfig
 from .data import HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset, one_hot
@@ -220,9 +220,10 @@ class Trainer:
             (self.out / METRICS).unlink(missing_ok=True)
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's groups (pretrained at ``lr``, new at ``lr_new``), logged once."""
+        """The optimizer's groups (pretrained at ``lr``, new at ``lr_new``, hash scaled), logged once."""
         cfg = self.config
-        rates = {PRETRAINED: cfg.lr, NEW: cfg.new_lr}
+        hash_scale = self.model.hash_rate_scale() if cfg.scale_hash_rate else 1.0
+        rates = {PRETRAINED: cfg.lr, NEW: cfg.new_lr, HASH: cfg.new_lr * hash_scale}
         groups, lines = [], []
         for name, params in self.model.parameter_groups().items():
             trainable = [p for p in params if p.requires_grad]
@@ -231,6 +232,7 @@ class Trainer:
                 groups.append({"params": trainable, "lr": rates[name], "name": name})
             count = sum(p.numel() for p in trainable) / 1e6
             lines.append(f"{name} {count:.2f} M params at lr {rates[name]:g}"
+                         + (f" (lr-new × {hash_scale:.2f}, feature width / fan-in)" if name == HASH and hash_scale < 1 else "")
                          + (f" (+{frozen / 1e6:.2f} M frozen)" if frozen else ""))
         if self.is_main:
             log.info("parameter groups: %s", "; ".join(lines))

@@ -15,8 +15,8 @@ from .layers import InputNormalize
 #: "reconstruction", AGMH's SIEA "attention".
 TRAINING_OUTPUTS = frozenset({"reconstruction", "attention"})
 
-#: Names of the two parameter groups (:meth:`HashModel.parameter_groups`).
-PRETRAINED, NEW = "pretrained", "new"
+#: Names of the parameter groups (:meth:`HashModel.parameter_groups`).
+PRETRAINED, NEW, HASH = "pretrained", "new", "hash"
 
 
 class HashModel(nn.Module, abc.ABC):
@@ -33,9 +33,11 @@ class HashModel(nn.Module, abc.ABC):
 
     trunk: nn.Module
 
-    def __init__(self, config: HashConfig, preprocess: PreprocessConfig) -> None:
+    def __init__(self, config: HashConfig, preprocess: PreprocessConfig, feature_width: int) -> None:
         super().__init__()
         self.config = config
+        #: Width of the backbone's pooled features: what ADSH's hash layer reads.
+        self.feature_width = feature_width
         self.preprocess = preprocess
         self.normalize = InputNormalize(preprocess.mean, preprocess.std)
 
@@ -58,6 +60,10 @@ class HashModel(nn.Module, abc.ABC):
     @abc.abstractmethod
     def pretrained_modules(self) -> list[nn.Module]:
         """The modules that start from the backbone's (pretrained) weights; the rest is new."""
+
+    @abc.abstractmethod
+    def hash_layers(self) -> list[nn.Linear]:
+        """The linear layers that produce the code logits."""
 
     def encode_features(self, x: torch.Tensor) -> Any:
         """Normalised images → whatever :meth:`hash_head` consumes."""
@@ -90,13 +96,27 @@ class HashModel(nn.Module, abc.ABC):
         return {}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """``{"pretrained": [...], "new": [...]}``: every parameter in exactly one group.
+        """``{"pretrained": [...], "new": [...], "hash": [...]}``: every parameter in exactly one group.
 
         Pretrained layers need a gentle rate (they are already good); new layers (attention,
-        interaction blocks, hash layers) start from random and need a larger one.
+        interaction blocks) start from random and need a larger one; the hash layers are new too,
+        at the rate :meth:`hash_rate_scale` adjusts for their width.
         """
         pretrained = {id(p) for module in self.pretrained_modules() for p in module.parameters()}
-        groups: dict[str, list[nn.Parameter]] = {PRETRAINED: [], NEW: []}
+        hash_params = {id(p) for layer in self.hash_layers() for p in layer.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {PRETRAINED: [], NEW: [], HASH: []}
         for p in self.parameters():
-            groups[PRETRAINED if id(p) in pretrained else NEW].append(p)
+            groups[PRETRAINED if id(p) in pretrained else HASH if id(p) in hash_params else NEW].append(p)
         return groups
+
+    def hash_rate_scale(self) -> float:
+        """The hash layers' rate relative to the other new layers: feature width / fan-in, at most 1.
+
+        An adaptive optimizer moves every weight by about its rate per step, so a linear layer's
+        output moves in proportion to its fan-in (the μP rule for Adam: rate ∝ 1/fan-in). ADSH's
+        hash layer reads the pooled features (scale 1); A²-Net's reads M + 1 vectors that all
+        equal them at initialisation, AGMH's six descriptor branches. Scaled, every model's
+        codes move per step as ADSH's do at the same ``lr_new``.
+        """
+        widest = max(layer.in_features for layer in self.hash_layers())
+        return min(1.0, self.feature_width / widest)

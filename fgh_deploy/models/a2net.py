@@ -45,7 +45,7 @@ class A2NetOptions:
 class A2Net(HashModel):
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: A2NetOptions) -> None:
-        super().__init__(config, preprocess)
+        super().__init__(config, preprocess, backbone.info.out_channels)
         info = backbone.info
         self.options = options
         self.trunk = backbone.trunk
@@ -80,6 +80,9 @@ class A2Net(HashModel):
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.refine_global.blocks, self.refine_local.blocks]
+
+    def hash_layers(self) -> list[nn.Linear]:
+        return [self.hash]
 
     def train_outputs(self, fmap: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
         """Codes u, and (if wanted) features v and the tied-weight reconstruction v̂ = u·W (for L_rec)."""

@@ -28,7 +28,7 @@ class ADSHOptions:
 class ADSH(HashModel):
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: ADSHOptions) -> None:
-        super().__init__(config, preprocess)
+        super().__init__(config, preprocess, backbone.info.out_channels)
         self.trunk = backbone.trunk
         self.last_stage = backbone.last_stage
         self.hash = nn.Linear(backbone.info.out_channels, config.bits)
@@ -41,6 +41,9 @@ class ADSH(HashModel):
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.last_stage]
+
+    def hash_layers(self) -> list[nn.Linear]:
+        return [self.hash]
 
     def hash_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.hash(features)

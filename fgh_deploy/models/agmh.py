@@ -92,7 +92,7 @@ class AGMHOptions:
 class AGMH(HashModel):
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: AGMHOptions) -> None:
-        super().__init__(config, preprocess)
+        super().__init__(config, preprocess, backbone.info.out_channels)
         self.options = options
         width = options.num_branches * options.branch_channels
         self.trunk = backbone.trunk
@@ -117,6 +117,9 @@ class AGMH(HashModel):
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.last_stage]
+
+    def hash_layers(self) -> list[nn.Linear]:
+        return [self.hash]
 
     def hash_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.hash(features)

@@ -78,7 +78,7 @@ class SEMICONOptions:
 class SEMICON(HashModel):
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: SEMICONOptions) -> None:
-        super().__init__(config, preprocess)
+        super().__init__(config, preprocess, backbone.info.out_channels)
         info = backbone.info
         self.options = options
         self.global_bits, self.part_bits = code_split(config.bits)
@@ -118,6 +118,9 @@ class SEMICON(HashModel):
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.refine_global.blocks, self.refine_local.blocks]
+
+    def hash_layers(self) -> list[nn.Linear]:
+        return [self.hash_global, *self.hash_parts]
 
     def hash_head(self, features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         glob, local = features
