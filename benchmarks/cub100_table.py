@@ -21,9 +21,9 @@ def main() -> None:
         p.name) if p.name in ("adsh", "a2net", "semicon", "agmh") else 99)
     if not runs:
         raise SystemExit(f"{out}: no */eval.json (run benchmarks/train_cub100.sh first)")
-    print("| model | train wall | image passes | asymmetric mAP@all (tie-aware) | deploy mAP@all (tie-aware) "
-          "| ITQ | LSH | float cosine | chance |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | train wall | image passes | val mAP (iteration) | asymmetric mAP@all (tie-aware) "
+          "| deploy mAP@all (tie-aware) | ITQ | LSH | float cosine | chance |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     curves = {}
     for run in runs:
         report = json.loads((run / "eval.json").read_text())
@@ -35,7 +35,9 @@ def main() -> None:
         def cell(metrics: dict) -> str:
             return f"{metrics['map@all/index']:.3f} ({metrics['map@all/expected']:.3f})"
 
+        selection = report["selection"]
         row = [run.name, f"{float(wall):.0f} s" if wall != "?" else wall, f"{passes:,}",
+               f"{selection['best_map']:.3f} ({selection['best_iteration'] + 1})",
                cell(protocols["asymmetric"]), cell(protocols["deploy"])]
         row += [f"{base[k]['map@all/expected']:.3f}" if "map@all/expected" in base.get(k, {}) else "-"
                 for k in ("itq", "lsh", "cosine")]
@@ -46,7 +48,7 @@ def main() -> None:
                             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "map" in r]
     print("\nvalidation mAP (asymmetric, held-out database images) against image passes:")
     for name, points in curves.items():
-        print(f"  {name:8s} " + "  ".join(f"{passes // 1000}k {value:.3f}" for passes, value in points))
+        print(f"  {name:10s} " + "  ".join(f"{passes / 1000:g}k {value:.3f}" for passes, value in points))
 
 
 if __name__ == "__main__":
