@@ -32,6 +32,8 @@ class HashModel(nn.Module, abc.ABC):
     """
 
     trunk: nn.Module
+    #: The hash layer of models with one (SEMICON has one per part and overrides the hash methods).
+    hash: nn.Linear
 
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, feature_width: int) -> None:
         super().__init__()
@@ -49,9 +51,9 @@ class HashModel(nn.Module, abc.ABC):
     def features(self, fmap: torch.Tensor) -> Any:
         """Trunk map (B, C, H, W) → whatever :meth:`hash_head` consumes."""
 
-    @abc.abstractmethod
     def hash_head(self, features: Any) -> torch.Tensor:
-        """Features → pre-tanh logits (B, bits)."""
+        """Features → pre-tanh logits (B, bits); by default one linear layer, ``self.hash``."""
+        return self.hash(features)
 
     @abc.abstractmethod
     def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -61,9 +63,9 @@ class HashModel(nn.Module, abc.ABC):
     def pretrained_modules(self) -> list[nn.Module]:
         """The modules that start from the backbone's (pretrained) weights; the rest is new."""
 
-    @abc.abstractmethod
     def hash_layers(self) -> list[nn.Linear]:
-        """The linear layers that produce the code logits."""
+        """The linear layers that produce the code logits (by default ``self.hash``)."""
+        return [self.hash]
 
     def encode_features(self, x: torch.Tensor) -> Any:
         """Normalised images → whatever :meth:`hash_head` consumes."""

@@ -72,17 +72,11 @@ class A2Net(HashModel):
         # Local parts first, then the global vector (the official order).
         return torch.cat([local.flatten(1), glob], dim=1)
 
-    def hash_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.hash(features)
-
     def global_features(self, fmap: torch.Tensor) -> torch.Tensor:
         return global_pool(self.refine_global(fmap))
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.refine_global.blocks, self.refine_local.blocks]
-
-    def hash_layers(self) -> list[nn.Linear]:
-        return [self.hash]
 
     def train_outputs(self, fmap: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
         """Codes u, and (if wanted) features v and the tied-weight reconstruction v̂ = u·W (for L_rec)."""

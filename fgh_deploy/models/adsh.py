@@ -41,9 +41,3 @@ class ADSH(HashModel):
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.last_stage]
-
-    def hash_layers(self) -> list[nn.Linear]:
-        return [self.hash]
-
-    def hash_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.hash(features)

@@ -118,12 +118,6 @@ class AGMH(HashModel):
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.trunk, self.last_stage]
 
-    def hash_layers(self) -> list[nn.Linear]:
-        return [self.hash]
-
-    def hash_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.hash(features)
-
     def train_outputs(self, fmap: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:
         """Codes plus (if wanted) the SIEA outputs (B, branches, C, H, W) for the attention-dispersion loss."""
         desc = self.descriptors(fmap)
