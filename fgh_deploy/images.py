@@ -30,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from fgh_deploy.config import PreprocessConfig
+from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
 
 __all__ = [
@@ -68,11 +69,6 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _BOMB_MESSAGE = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
 
 
-def _display(path: StrPath | bytes) -> str:
-    """Printable form of a path: undecodable bytes become ``\\xNN`` escapes, never a crash."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 class ImageDecodeError(FghError):
     """An image file that cannot be turned into pixels.
 
@@ -83,7 +79,7 @@ class ImageDecodeError(FghError):
     def __init__(self, path: StrPath | bytes, reason: str) -> None:
         self.path = os.fspath(path)
         self.reason = reason
-        super().__init__(f"{_display(path)}: {reason}")
+        super().__init__(f"{display_path(path)}: {reason}")
 
     def __reduce__(self) -> tuple[type[ImageDecodeError], tuple[str | bytes, str]]:
         # The default reduce would call __init__ with the formatted message only.
@@ -320,9 +316,9 @@ def list_images(root: StrPath) -> list[str]:
     """
     root = os.fsdecode(root)
     if not os.path.exists(root):
-        raise FghError(f"{_display(root)}: no such directory")
+        raise FghError(f"{display_path(root)}: no such directory")
     if not os.path.isdir(root):
-        raise FghError(f"{_display(root)}: not a directory")
+        raise FghError(f"{display_path(root)}: not a directory")
 
     found: list[str] = []
     # (st_dev, st_ino) identifies a directory whatever path reached it (symlink, bind mount).
@@ -374,12 +370,12 @@ def _scan(root: str, rel: str) -> list[os.DirEntry[str]]:
         return sorted(entries, key=lambda entry: os.fsencode(entry.name))
     except PermissionError:
         if not rel:
-            raise FghError(f"{_display(root)}: permission denied") from None
-        logger.warning("%s: permission denied, folder skipped", _display(path))
+            raise FghError(f"{display_path(root)}: permission denied") from None
+        logger.warning("%s: permission denied, folder skipped", display_path(path))
     except OSError as exc:
         if not rel:
-            raise FghError(f"{_display(root)}: cannot read ({exc.strerror or exc})") from None
-        logger.warning("%s: cannot read (%s), folder skipped", _display(path), exc.strerror or exc)
+            raise FghError(f"{display_path(root)}: cannot read ({exc.strerror or exc})") from None
+        logger.warning("%s: cannot read (%s), folder skipped", display_path(path), exc.strerror or exc)
     return []
 
 

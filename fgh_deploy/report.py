@@ -31,8 +31,8 @@ from PIL import Image
 from . import __version__
 from .bits import unpack_codes
 from .checkpoint import atomic_write
-# _display is shared on purpose (as in train.data): paths print the same way everywhere.
-from .images import ImageDecodeError, _display, decode_image
+from .display import display_path
+from .images import ImageDecodeError, decode_image
 from .index import CodeIndex
 from .query import TIE_RULE, Hit, QueryResult
 
@@ -108,7 +108,7 @@ def query_label(query_path: str) -> str | None:
 def _text(value: object) -> str:
     """HTML-escaped printable text; undecodable path bytes become ``\\xNN``, never a crash."""
     text = value if isinstance(value, str) else str(value)
-    return html.escape(_display(text), quote=True)
+    return html.escape(display_path(text), quote=True)
 
 
 class _Thumbnails:

@@ -38,7 +38,8 @@ from fgh_deploy.errors import FghError
 
 # The private helpers are shared on purpose: the same printable paths and the same set of
 # supported interpolations as the encode/query path.
-from fgh_deploy.images import _display, _interpolation, decode_image, list_images, load_image
+from fgh_deploy.display import display_path
+from fgh_deploy.images import _interpolation, decode_image, list_images, load_image
 
 __all__ = [
     "LAYOUTS",
@@ -98,7 +99,7 @@ class HashingDataset:
     def summary(self) -> dict[str, Any]:
         """A JSON-serialisable description for logs and run metadata."""
         return {
-            "root": _display(self.root),
+            "root": display_path(self.root),
             "layout": self.layout,
             "num_classes": self.num_classes,
             "database": len(self.database),
@@ -126,9 +127,9 @@ def load_dataset(root: StrPath) -> HashingDataset:
     """
     root = Path(os.fspath(root))
     if not root.exists():
-        raise FghError(f"{_display(root)}: no such directory")
+        raise FghError(f"{display_path(root)}: no such directory")
     if not root.is_dir():
-        raise FghError(f"{_display(root)}: not a directory")
+        raise FghError(f"{display_path(root)}: not a directory")
 
     # `source` is the file the dataset-level errors below are reported against.
     if (root / "splits.tsv").is_file():
@@ -143,9 +144,9 @@ def load_dataset(root: StrPath) -> HashingDataset:
     else:
         for present, absent in (("train", "test"), ("test", "train")):
             if (root / present).is_dir():
-                raise FghError(f"{_display(root)}: has a {present}/ folder but no {absent}/ folder")
+                raise FghError(f"{display_path(root)}: has a {present}/ folder but no {absent}/ folder")
         raise FghError(
-            f"{_display(root)}: unrecognised dataset layout; expected one of: "
+            f"{display_path(root)}: unrecognised dataset layout; expected one of: "
             "splits.tsv (relative_path<TAB>class<TAB>database|query), "
             "CUB-200-2011 (images.txt, image_class_labels.txt, train_test_split.txt, images/), "
             "or train/ and test/ folders with one subfolder per class"
@@ -173,9 +174,9 @@ def _read_lines(path: Path) -> list[str]:
         with open(path, encoding="utf-8-sig") as fp:
             return fp.read().splitlines()
     except UnicodeDecodeError as exc:
-        raise FghError(f"{_display(path)}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+        raise FghError(f"{display_path(path)}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except OSError as exc:
-        raise FghError(f"{_display(path)}: cannot read ({exc.strerror or exc})") from None
+        raise FghError(f"{display_path(path)}: cannot read ({exc.strerror or exc})") from None
 
 
 def _build(root: Path, layout: str, entries: dict[str, list[tuple[str, str]]]) -> HashingDataset:
@@ -196,7 +197,7 @@ def _check_dataset(dataset: HashingDataset, source: Path) -> None:
     Raises:
         FghError: a check failed.
     """
-    where = _display(source)
+    where = display_path(source)
     missing = [
         sample.relpath
         for sample in (*dataset.database, *dataset.query)
@@ -205,8 +206,8 @@ def _check_dataset(dataset: HashingDataset, source: Path) -> None:
     if missing:
         total = len(dataset.database) + len(dataset.query)
         raise FghError(
-            f"{where}: {len(missing)} of {total} images are missing under {_display(dataset.root)}: "
-            f"{_listing([_display(rel) for rel in missing])}"
+            f"{where}: {len(missing)} of {total} images are missing under {display_path(dataset.root)}: "
+            f"{_listing([display_path(rel) for rel in missing])}"
         )
     if dataset.num_classes < 2:
         raise FghError(f"{where}: a hashing dataset needs at least 2 classes, found {dataset.num_classes}")
@@ -231,7 +232,7 @@ def _load_splits_tsv(root: Path) -> HashingDataset:
             seen_content = True
             if fields == _SPLITS_HEADER:
                 continue
-        where = f"{_display(tsv)}:{lineno}"
+        where = f"{display_path(tsv)}:{lineno}"
         if len(fields) != 3:
             raise FghError(
                 f"{where}: expected 3 tab-separated columns (relative_path, class, split), got {len(fields)}"
@@ -242,14 +243,14 @@ def _load_splits_tsv(root: Path) -> HashingDataset:
         if split not in _SPLITS:
             raise FghError(f"{where}: split must be 'database' or 'query', got {split!r}")
         if os.path.isabs(relpath):
-            raise FghError(f"{where}: {relpath!r} must be relative to {_display(root)}")
+            raise FghError(f"{where}: {relpath!r} must be relative to {display_path(root)}")
         if relpath in first_line:
             # The same image in both splits would leak queries into training.
             raise FghError(f"{where}: {relpath!r} is already listed on line {first_line[relpath]}")
         first_line[relpath] = lineno
         entries[split].append((relpath, name))
     if not first_line:
-        raise FghError(f"{_display(tsv)}: lists no images")
+        raise FghError(f"{display_path(tsv)}: lists no images")
     return _build(root, "splits.tsv", entries)
 
 
@@ -278,7 +279,7 @@ def _read_id_table(path: Path) -> dict[int, tuple[int, str]]:
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
-        where = f"{_display(path)}:{lineno}"
+        where = f"{display_path(path)}:{lineno}"
         if len(parts) != 2:
             raise FghError(f"{where}: expected '<id> <value>', got {line.strip()!r}")
         try:
@@ -303,7 +304,7 @@ def _int_values(
         except ValueError:
             value = None
         if value is None or ((value not in allowed) if allowed is not None else value < 1):
-            raise FghError(f"{_display(path)}:{lineno}: expected {expected}, got {text!r}")
+            raise FghError(f"{display_path(path)}:{lineno}: expected {expected}, got {text!r}")
         values[key] = value
     return values
 
@@ -311,11 +312,11 @@ def _int_values(
 def _check_same_ids(images_txt: Path, other: Path, image_ids: set[int], other_ids: set[int]) -> None:
     if missing := sorted(image_ids - other_ids):
         raise FghError(
-            f"{_display(other)}: no entry for {len(missing)} image ids of images.txt: {_listing(missing)}"
+            f"{display_path(other)}: no entry for {len(missing)} image ids of images.txt: {_listing(missing)}"
         )
     if extra := sorted(other_ids - image_ids):
         raise FghError(
-            f"{_display(other)}: {len(extra)} ids not in {_display(images_txt)}: {_listing(extra)}"
+            f"{display_path(other)}: {len(extra)} ids not in {display_path(images_txt)}: {_listing(extra)}"
         )
 
 
@@ -323,7 +324,7 @@ def _load_cub(cub_root: Path) -> HashingDataset:
     missing_files = [name for name in _CUB_REQUIRED if not (cub_root / name).is_file()]
     if missing_files:
         raise FghError(
-            f"{_display(cub_root)}: looks like CUB-200-2011 (has images.txt) "
+            f"{display_path(cub_root)}: looks like CUB-200-2011 (has images.txt) "
             f"but {', '.join(missing_files)} missing"
         )
     images_txt, labels_txt, split_txt = (cub_root / name for name in _CUB_REQUIRED)
@@ -340,13 +341,13 @@ def _load_cub(cub_root: Path) -> HashingDataset:
     if classes_txt.is_file():
         named = {key: name for key, (_, name) in _read_id_table(classes_txt).items()}
         if unnamed := [key for key in used if key not in named]:
-            raise FghError(f"{_display(classes_txt)}: no name for class ids {_listing(unnamed)}")
+            raise FghError(f"{display_path(classes_txt)}: no name for class ids {_listing(unnamed)}")
         names = {key: named[key] for key in used}
         by_name: dict[str, int] = {}
         for key, name in names.items():
             if name in by_name:
                 raise FghError(
-                    f"{_display(classes_txt)}: class ids {by_name[name]} and {key} are both named {name!r}"
+                    f"{display_path(classes_txt)}: class ids {by_name[name]} and {key} are both named {name!r}"
                 )
             by_name[name] = key
     else:
@@ -359,7 +360,7 @@ def _load_cub(cub_root: Path) -> HashingDataset:
     for key, (lineno, relpath) in sorted(images.items()):
         if relpath in seen:
             raise FghError(
-                f"{_display(images_txt)}:{lineno}: {relpath!r} is already listed for image id {seen[relpath]}"
+                f"{display_path(images_txt)}:{lineno}: {relpath!r} is already listed for image id {seen[relpath]}"
             )
         seen[relpath] = key
         split = "database" if is_train[key] == 1 else "query"
@@ -383,7 +384,7 @@ def _load_train_test_folders(root: Path) -> HashingDataset:
                 continue
             entries[split].append((f"{folder}/{relpath}", name))
         if outside:
-            logger.warning("%s: %d images outside any class folder ignored", _display(root / folder), outside)
+            logger.warning("%s: %d images outside any class folder ignored", display_path(root / folder), outside)
     return _build(root, "train-test folders", entries)
 
 
