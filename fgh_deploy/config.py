@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: Longest code fgh trains, stores or searches (the papers use 12 to 128 bits).
+MAX_BITS = 4096
+#: Largest square input an engine takes; bounds memory per image (3 × 1024² bytes = 3 MB uint8).
+MAX_INPUT_SIZE = 1024
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
