@@ -40,6 +40,8 @@ __all__ = [
     "ImageBatchLoader",
     "ImageDecodeError",
     "ImageFileDataset",
+    "ImageScan",
+    "LINK_NOT_FOLLOWED",
     "RawJpeg",
     "decode_image",
     "decode_jpegs",
@@ -47,6 +49,7 @@ __all__ = [
     "list_images",
     "load_image",
     "read_plain_jpeg",
+    "scan_images",
 ]
 
 StrPath = Union[str, os.PathLike[str]]
@@ -295,21 +298,49 @@ def decode_jpegs(raw: Sequence[RawJpeg], device: torch.device | str) -> list[tor
             for image, r in zip(images, raw)]
 
 
-def list_images(root: StrPath) -> list[str]:
-    """List the image files under ``root``.
+class ImageScan(NamedTuple):
+    """What :func:`scan_images` found under a folder.
 
-    Recurses into subfolders and follows directory symlinks, visiting each directory once
-    (so symlink loops end); a directory reachable without symlinks is listed under that
-    path, a symlink only adds directories found nowhere else. Hidden files and folders
-    (``.name``) are skipped. A broken symlink with an image extension is listed so the
-    caller can report it. Undecodable (non-UTF-8) names come back as ``os.fsdecode`` does
-    them (surrogate escapes), so ``os.path.join(root, name)`` opens the file.
+    ``paths``: relative POSIX paths of the image files, sorted by their file-system bytes.
+    ``skipped``: ``(relative path, reason)`` for what was left out that a user would expect
+    in: entries with an image extension that are not regular files or cannot be reached,
+    directory symlinks not followed, and subfolders that cannot be read; same order.
+    """
+
+    paths: list[str]
+    skipped: list[tuple[str, str]]
+
+
+LINK_NOT_FOLLOWED = "symlink to a directory: not followed (use --follow-links)"
+
+# How a non-regular file is named in a skip reason; a FIFO is never opened (that would block).
+_SPECIAL_FILE_KINDS = (
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def scan_images(root: StrPath, *, follow_links: bool = False) -> ImageScan:
+    """Find the image files under ``root`` and say what was left out, and why.
+
+    Recurses into subfolders (a folder named like an image, ``x.jpg/``, is walked as a
+    folder). Hidden files and folders (``.name``) are ignored. Directory symlinks are not
+    descended into unless ``follow_links``; then each directory is visited once (so symlink
+    loops end), a directory reachable without symlinks is listed under that path and a
+    symlink only adds directories found nowhere else. Symlinked files are listed when their
+    target is a regular file. A broken symlink with an image extension is listed so the
+    caller can report it when decoding. Every path is relative to ``root``, without ``..``.
+    Undecodable (non-UTF-8) names come back as ``os.fsdecode`` does them (surrogate
+    escapes), so ``os.path.join(root, name)`` opens the file.
 
     Args:
         root: the folder to scan.
+        follow_links: descend into symlinked directories.
 
     Returns:
-        Relative POSIX paths, sorted by their file-system bytes.
+        The image paths and the skipped entries.
 
     Raises:
         FghError: ``root`` does not exist, is not a directory or cannot be read.
@@ -321,6 +352,7 @@ def list_images(root: StrPath) -> list[str]:
         raise FghError(f"{display_path(root)}: not a directory")
 
     found: list[str] = []
+    skipped: list[tuple[str, str]] = []
     # (st_dev, st_ino) identifies a directory whatever path reached it (symlink, bind mount).
     visited = {_dir_key(root)}
     plain: deque[str] = deque([""])  # dirs reached without symlinks: always walked first
@@ -334,22 +366,54 @@ def list_images(root: StrPath) -> list[str]:
             if key is None or key in visited:
                 continue
             visited.add(key)
-        for entry in _scan(root, rel):
+        for entry in _scan(root, rel, skipped):
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
-                is_dir, is_file = entry.is_dir(), entry.is_file()
+                is_dir = entry.is_dir()
             except OSError:  # e.g. a symlink loop on itself: handled like a broken link
-                is_dir = is_file = False
+                is_dir = False
             if is_dir and entry.is_symlink():
-                linked.append(child)
+                if follow_links:
+                    linked.append(child)
+                else:
+                    skipped.append((child, LINK_NOT_FOLLOWED))
             elif is_dir:
                 key = _dir_key(entry.path)
-                if key is not None and key not in visited:
+                if key is None:
+                    # Cannot be stat-ed (e.g. path too long): still tried, so that reading
+                    # it fails and lands in ``skipped`` with the reason.
+                    plain.append(child)
+                elif key not in visited:
                     visited.add(key)
                     plain.append(child)
-            elif has_image_extension(entry.name) and (is_file or not os.path.exists(entry.path)):
-                found.append(child)
-    return sorted(found, key=os.fsencode)
+            elif has_image_extension(entry.name):
+                reason = _not_an_image_file(entry)
+                if reason is None:
+                    found.append(child)
+                else:
+                    skipped.append((child, reason))
+    return ImageScan(sorted(found, key=os.fsencode), sorted(skipped, key=lambda item: os.fsencode(item[0])))
+
+
+def list_images(root: StrPath, *, follow_links: bool = False) -> list[str]:
+    """The image paths of :func:`scan_images` (relative POSIX paths, sorted by file-system bytes)."""
+    return scan_images(root, follow_links=follow_links).paths
+
+
+def _not_an_image_file(entry: os.DirEntry[str]) -> str | None:
+    """Why an entry with an image extension cannot be listed; ``None`` if it can."""
+    try:
+        st = entry.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP):
+            return None  # broken or looping symlink: decoding names it precisely
+        if exc.errno == errno.ENAMETOOLONG:
+            return "path too long for the file system (ENAMETOOLONG)"
+        return f"cannot access ({exc.strerror or exc})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = next((name for is_kind, name in _SPECIAL_FILE_KINDS if is_kind(st.st_mode)), "unknown type")
+    return f"not a regular file ({kind})"
 
 
 def _dir_key(path: str) -> tuple[int, int] | None:
@@ -360,8 +424,8 @@ def _dir_key(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _scan(root: str, rel: str) -> list[os.DirEntry[str]]:
-    """Non-hidden entries of ``root/rel``; an unreadable subfolder is logged and skipped."""
+def _scan(root: str, rel: str, skipped: list[tuple[str, str]]) -> list[os.DirEntry[str]]:
+    """Non-hidden entries of ``root/rel``; an unreadable subfolder is logged, added to ``skipped`` and left out."""
     path = os.path.join(root, rel) if rel else root
     try:
         with os.scandir(path) as it:
@@ -371,11 +435,14 @@ def _scan(root: str, rel: str) -> list[os.DirEntry[str]]:
     except PermissionError:
         if not rel:
             raise FghError(f"{display_path(root)}: permission denied") from None
-        logger.warning("%s: permission denied, folder skipped", display_path(path))
+        reason = "permission denied"
     except OSError as exc:
         if not rel:
             raise FghError(f"{display_path(root)}: cannot read ({exc.strerror or exc})") from None
-        logger.warning("%s: cannot read (%s), folder skipped", display_path(path), exc.strerror or exc)
+        reason = ("path too long for the file system (ENAMETOOLONG)" if exc.errno == errno.ENAMETOOLONG
+                  else f"cannot read ({exc.strerror or exc})")
+    logger.warning("%s: %s, folder skipped", display_path(path), reason)
+    skipped.append((rel, f"folder skipped: {reason}"))
     return []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import socket
 import struct
 import sys
 import warnings
@@ -22,15 +23,18 @@ from fgh_deploy.config import PreprocessConfig
 from fgh_deploy.errors import FghError
 from fgh_deploy.images import (
     IMAGE_EXTENSIONS,
+    LINK_NOT_FOLLOWED,
     DecodeFailure,
     ImageBatchLoader,
     ImageDecodeError,
+    ImageScan,
     decode_image,
     decode_jpegs,
     has_image_extension,
     list_images,
     load_image,
     read_plain_jpeg,
+    scan_images,
 )
 
 SMALL = PreprocessConfig(input_size=32, resize_size=36)
@@ -328,7 +332,7 @@ def test_list_images_walks_filters_and_sorts(tmp_path: Path) -> None:
     (tmp_path / ".hidden.jpg").write_bytes(b"x")
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "thumb.jpg").write_bytes(b"x")
-    (tmp_path / "folder.jpg").mkdir()  # a directory is not an image
+    (tmp_path / "folder.jpg").mkdir()  # a directory is not an image, but walked as a folder
     (tmp_path / "folder.jpg" / "in.png").write_bytes(b"x")
     assert list_images(tmp_path) == [
         "a.JPEG", "b/1.jpg", "b/2.PNG", "c/d/e.webp", "c/x.gif", "folder.jpg/in.png", "t.TIF", "top.bmp", "u.tiff",
@@ -348,8 +352,79 @@ def test_list_images_symlinks_and_loops(tmp_path: Path) -> None:
     outside = tmp_path.parent / f"{tmp_path.name}_outside"
     outside.mkdir()
     (outside / "o.png").write_bytes(b"x")
-    (tmp_path / "ext").symlink_to(outside)  # only reachable through the link: followed
-    assert list_images(tmp_path) == ["broken.jpg", "ext/o.png", "file_link.png", "real/sub/p.jpg", "self.jpg"]
+    (tmp_path / "ext").symlink_to(outside)  # only reachable through the link
+    assert list_images(tmp_path, follow_links=True) == [
+        "broken.jpg", "ext/o.png", "file_link.png", "real/sub/p.jpg", "self.jpg",
+    ]  # fmt: skip
+    # Not followed by default: each linked directory is reported instead.
+    scan = scan_images(tmp_path)
+    assert scan.paths == list_images(tmp_path) == ["broken.jpg", "file_link.png", "real/sub/p.jpg", "self.jpg"]
+    assert scan.skipped == [
+        ("a_alias", LINK_NOT_FOLLOWED), ("ext", LINK_NOT_FOLLOWED),
+        ("real/loop", LINK_NOT_FOLLOWED), ("real/sub/up", LINK_NOT_FOLLOWED),
+    ]  # fmt: skip
+    assert scan_images(tmp_path, follow_links=True).skipped == []
+
+
+def test_scan_images_does_not_walk_a_link_to_the_file_system_root(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "everything").symlink_to("/")
+    assert scan_images(tmp_path) == ImageScan(["a.jpg"], [("everything", LINK_NOT_FOLLOWED)])
+
+
+def test_scan_images_reports_special_files_without_opening_them(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block the scan forever
+    (tmp_path / "null.png").symlink_to(os.devnull)  # a symlinked file whose target is a device
+    (tmp_path / "pipe_link.jpg").symlink_to(tmp_path / "pipe.jpg")
+    (tmp_path / "notes.fifo").symlink_to(tmp_path / "pipe.jpg")  # no image extension: not mentioned
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(tmp_path / "s.webp"))
+    except OSError:
+        sock.close()
+        sock = None  # path too long for AF_UNIX on this machine: the other kinds still run
+    (tmp_path / "album.jpg").mkdir()  # a folder named like an image is walked as a folder
+    (tmp_path / "album.jpg" / "in.png").write_bytes(b"x")
+    try:
+        scan = scan_images(tmp_path)
+    finally:
+        if sock is not None:
+            sock.close()
+    assert scan.paths == ["album.jpg/in.png"]
+    expected = [
+        ("null.png", "not a regular file (character device)"),
+        ("pipe.jpg", "not a regular file (FIFO)"),
+        ("pipe_link.jpg", "not a regular file (FIFO)"),
+    ]
+    if sock is not None:
+        expected.append(("s.webp", "not a regular file (socket)"))
+    assert scan.skipped == expected
+
+
+def test_scan_images_reports_over_long_paths(tmp_path: Path) -> None:
+    path_max = os.pathconf(tmp_path, "PC_PATH_MAX")  # counts the terminating NUL
+    name = "d" * 200
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    # Nest folders through directory fds (path-based calls refuse paths over PATH_MAX) until
+    # one folder's path is too long; remember the deepest folder whose path still fits.
+    fd = os.open(tmp_path, os.O_RDONLY)
+    rel = fitting = ""
+    while len(os.fsencode(os.path.join(tmp_path, rel))) < path_max:
+        fitting = rel
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd, rel = child, f"{rel}/{name}" if rel else name
+    os.close(fd)
+    # In the deepest readable folder, a file whose own name tips its path over PATH_MAX.
+    long_name = "f" * 246 + ".jpg"
+    fd = os.open(tmp_path / fitting, os.O_RDONLY)
+    os.close(os.open(long_name, os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    too_long = "path too long for the file system (ENAMETOOLONG)"
+    assert scan_images(tmp_path) == ImageScan(
+        ["ok.jpg"], [(rel, f"folder skipped: {too_long}"), (f"{fitting}/{long_name}", too_long)]
+    )
 
 
 def test_list_images_non_utf8_name(tmp_path: Path) -> None:
@@ -386,7 +461,7 @@ def test_list_images_unreadable_folders(
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert list_images(tmp_path) == ["ok.jpg"]
+    assert scan_images(tmp_path) == ImageScan(["ok.jpg"], [("locked", "folder skipped: permission denied")])
     assert "locked: permission denied, folder skipped" in caplog.text
     (tmp_path / "root_locked").mkdir()
     with pytest.raises(FghError, match="root_locked: permission denied$"):
