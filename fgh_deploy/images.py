@@ -42,12 +42,15 @@ __all__ = [
     "ImageFileDataset",
     "ImageScan",
     "LINK_NOT_FOLLOWED",
+    "MAX_FULL_RESIZE_RATIO",
     "RawJpeg",
     "decode_image",
     "decode_jpegs",
     "has_image_extension",
     "list_images",
     "load_image",
+    "long_side_crop_box",
+    "preprocess_image",
     "read_plain_jpeg",
     "scan_images",
 ]
@@ -208,6 +211,8 @@ def _interpolation(name: str) -> InterpolationMode:
 def load_image(path: StrPath, cfg: PreprocessConfig) -> torch.Tensor:
     """Decode, resize the short side to ``cfg.resize_size`` and center-crop ``cfg.input_size``.
 
+    Memory and time stay bounded whatever the aspect ratio (see :func:`preprocess_image`).
+
     Args:
         path: the image file.
         cfg: the preprocessing settings stored with the model.
@@ -219,7 +224,74 @@ def load_image(path: StrPath, cfg: PreprocessConfig) -> torch.Tensor:
         ImageDecodeError: the file cannot be decoded (see :func:`decode_image`).
         FghError: ``cfg.interpolation`` is not one torchvision applies to tensors.
     """
-    return _resize_crop(TF.pil_to_tensor(decode_image(path, min_size=cfg.resize_size)), cfg)
+    return preprocess_image(decode_image(path, min_size=cfg.resize_size), cfg)
+
+
+# Up to this aspect ratio the whole image is resized, exactly as torchvision's Resize and
+# CenterCrop do. Beyond it the resized long side would grow without bound (a 20000 x 1 image
+# resized to a 256-pixel short side is 5 million pixels long), so only the part the crop keeps
+# is resampled and the intermediate stays within this ratio x resize_size² pixels.
+MAX_FULL_RESIZE_RATIO = 4
+
+_PIL_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+def preprocess_image(image: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
+    """Resize the short side of a decoded RGB image to ``cfg.resize_size``, center-crop ``cfg.input_size``.
+
+    Past :data:`MAX_FULL_RESIZE_RATIO`, Pillow first resamples the long side straight to the
+    crop (``Image.resize`` with a ``box``: the same sample positions as resizing the whole
+    side and cropping, reading only the source pixels under the kernel); torchvision then
+    resizes the short side as usual. With bilinear interpolation (the default) Pillow's and
+    torchvision's filters agree to within one grey level, so such images differ from the
+    whole-image resize by at most that; bicubic differs more where the kernel overshoots, and
+    the nearest modes may pick the neighbouring source pixel where a sample lands exactly
+    between two (Pillow computes positions in double precision, torchvision in single).
+
+    Returns:
+        A uint8 tensor of shape ``(3, cfg.input_size, cfg.input_size)``.
+
+    Raises:
+        FghError: ``cfg.interpolation`` is not one torchvision applies to tensors.
+    """
+    interpolation = _interpolation(cfg.interpolation)
+    box = long_side_crop_box(image.width, image.height, cfg)
+    if box is None:
+        return _resize_crop(TF.pil_to_tensor(image), cfg)
+    if image.width > image.height:
+        narrowed = image.resize((cfg.input_size, image.height), _PIL_RESAMPLE[cfg.interpolation], box=box)
+        size = [cfg.resize_size, cfg.input_size]
+    else:
+        narrowed = image.resize((image.width, cfg.input_size), _PIL_RESAMPLE[cfg.interpolation], box=box)
+        size = [cfg.input_size, cfg.resize_size]
+    pixels = TF.resize(TF.pil_to_tensor(narrowed), size, interpolation=interpolation, antialias=True)
+    return TF.center_crop(pixels, [cfg.input_size, cfg.input_size])
+
+
+def long_side_crop_box(width: int, height: int, cfg: PreprocessConfig) -> tuple[float, float, float, float] | None:
+    """The source region (Pillow box: left, top, right, bottom) whose long side survives the center crop.
+
+    ``None`` up to :data:`MAX_FULL_RESIZE_RATIO`, where the whole image is resized. The box
+    spans the whole short side and, on the long side, the ``cfg.input_size`` resized pixels
+    the crop keeps, in source coordinates.
+    """
+    short, long = sorted((width, height))
+    resized_long = int(cfg.resize_size * long / short)  # torchvision's rule for resize([size])
+    if resized_long <= MAX_FULL_RESIZE_RATIO * cfg.resize_size:
+        return None
+    scale = long / resized_long
+    kept_from = int(round((resized_long - cfg.input_size) / 2.0))  # torchvision's center_crop offset
+    # Pillow's nearest takes source pixel floor(start + (i + 0.5) * scale), torchvision's legacy
+    # "nearest" floor(i * scale): start half a resized pixel earlier to pick the same pixels.
+    if cfg.interpolation == "nearest":
+        kept_from -= 0.5
+    start, end = kept_from * scale, (kept_from + cfg.input_size) * scale
+    return (start, 0.0, end, float(height)) if width > height else (0.0, start, float(width), end)
 
 
 def _resize_crop(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
@@ -247,13 +319,15 @@ _ORIENT = {
 }
 
 
-def read_plain_jpeg(path: StrPath) -> RawJpeg | None:
+def read_plain_jpeg(path: StrPath, cfg: PreprocessConfig | None = None) -> RawJpeg | None:
     """The bytes and EXIF orientation of a JPEG that :func:`decode_jpeg` turns into the same
     RGB pixels as :func:`decode_image`; ``None`` for anything else (other formats, CMYK, files
     Pillow cannot even open), which then takes the Pillow path and its error messages.
 
     Only the header is parsed, so a decompression bomb is refused here without decoding. A
-    file that does not end with the JPEG end marker takes the Pillow path too.
+    file that does not end with the JPEG end marker takes the Pillow path too, and so, with
+    ``cfg``, does an aspect ratio past :data:`MAX_FULL_RESIZE_RATIO` (the device path resizes
+    whole images; :func:`preprocess_image` keeps those bounded).
     """
     try:
         _check_readable_file(path)
@@ -261,6 +335,8 @@ def read_plain_jpeg(path: StrPath) -> RawJpeg | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with open(path, "rb") as fp, Image.open(fp) as im:
                 if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                    return None
+                if cfg is not None and long_side_crop_box(im.width, im.height, cfg) is not None:
                     return None
                 orientation = int(im.getexif().get(ExifTags.Base.Orientation, 1))
                 fp.seek(0)
@@ -494,7 +570,7 @@ class ImageFileDataset(Dataset):
         """The image (or :class:`RawJpeg`) at ``index``, or why it failed, with the time it took."""
         path = self.path(index)
         start = time.perf_counter()
-        if self.raw_jpegs and (raw := read_plain_jpeg(path)) is not None:
+        if self.raw_jpegs and (raw := read_plain_jpeg(path, self.cfg)) is not None:
             return _Item(index, raw, None, time.perf_counter() - start, 0.0)
         return _load_timed(index, path, self.cfg)
 
@@ -513,9 +589,9 @@ def _load_timed(index: int, path: str, cfg: PreprocessConfig) -> _Item:
     """:func:`load_image` that reports a failure instead of raising, timing decode and resize apart."""
     start = time.perf_counter()
     try:
-        decoded = TF.pil_to_tensor(decode_image(path, min_size=cfg.resize_size))
+        decoded = decode_image(path, min_size=cfg.resize_size)
         middle = time.perf_counter()
-        return _Item(index, _resize_crop(decoded, cfg), None, middle - start, time.perf_counter() - middle)
+        return _Item(index, preprocess_image(decoded, cfg), None, middle - start, time.perf_counter() - middle)
     except ImageDecodeError as exc:
         reason = exc.reason
     except Exception as exc:  # noqa: BLE001 - one odd file must not end a long encode run

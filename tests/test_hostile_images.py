@@ -1,0 +1,125 @@
+"""Hostile image inputs: shapes that would blow up memory, decoding workers that die."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from fgh_deploy import images as images_module
+from fgh_deploy.config import PreprocessConfig
+from fgh_deploy.errors import FghError
+from fgh_deploy.images import (
+    MAX_FULL_RESIZE_RATIO,
+    ImageBatchLoader,
+    load_image,
+    long_side_crop_box,
+    read_plain_jpeg,
+)
+
+SMALL = PreprocessConfig(input_size=32, resize_size=36)
+DEFAULT = PreprocessConfig()
+
+
+def _noise_png(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _whole_image_resize(path: Path, cfg: PreprocessConfig) -> torch.Tensor:
+    """The path every image took before: resize the whole short side, then crop."""
+    return images_module._resize_crop(TF.pil_to_tensor(images_module.decode_image(path)), cfg)
+
+
+# --------------------------------------------------------------------------- aspect-ratio bombs
+
+
+@pytest.mark.parametrize("size", [(40, 30), (30, 40), (144, 36), (36, 144), (500, 200)])
+def test_ordinary_aspect_ratios_resize_the_whole_image(tmp_path: Path, size: tuple[int, int]) -> None:
+    # Up to MAX_FULL_RESIZE_RATIO (144 x 36 is exactly 4:1 at resize 36) nothing changed.
+    path = _noise_png(tmp_path / "n.png", *size)
+    assert long_side_crop_box(*size, SMALL) is None
+    assert torch.equal(load_image(path, SMALL), _whole_image_resize(path, SMALL))
+
+
+@pytest.mark.parametrize("size", [(2000, 3), (3, 2000), (100, 1), (1, 100), (1001, 13), (13, 1001), (145, 36)])
+def test_extreme_aspect_ratios_match_the_whole_image_resize(tmp_path: Path, size: tuple[int, int]) -> None:
+    # Small enough for the old whole-image resize to run; only the long side's crop is resampled
+    # now (by Pillow, whose bilinear filter agrees with torchvision's to within one grey level).
+    path = _noise_png(tmp_path / "n.png", *size, seed=sum(size))
+    assert long_side_crop_box(*size, SMALL) is not None
+    out = load_image(path, SMALL)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert (out.int() - _whole_image_resize(path, SMALL).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (60000, 1), (1, 200000)])
+def test_crop_box_keeps_only_what_survives_the_crop(size: tuple[int, int]) -> None:
+    width, height = size
+    left, top, right, bottom = long_side_crop_box(width, height, DEFAULT)
+    start, end, long = (left, right, width) if width > height else (top, bottom, height)
+    assert (left, top, right, bottom)[1 if width > height else 0] == 0.0
+    assert (right, bottom)[0 if width < height else 1] == min(size)  # the whole short side
+    # 224 of the 256 * long resized pixels, centred: under one source pixel, at the middle.
+    assert end - start == pytest.approx(224 / 256)
+    assert start < long / 2 < end
+
+
+def test_aspect_ratio_bombs_load_in_bounded_memory(tmp_path: Path) -> None:
+    # Black images with a coloured middle: 141-byte-class PNGs that the whole-image resize
+    # turned into 5-50 million pixel intermediates (GBs). Measured in a child process (torch
+    # allocations are invisible to tracemalloc): the peak RSS may grow by at most 150 MB.
+    for width, height in [(20000, 1), (60000, 1), (1, 200000)]:
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        if width > height:
+            pixels[:, width // 2 - 5: width // 2 + 5] = (200, 100, 50)
+        else:
+            pixels[height // 2 - 5: height // 2 + 5, :] = (200, 100, 50)
+        Image.fromarray(pixels).save(tmp_path / f"{width}x{height}.png", optimize=True)
+    _noise_png(tmp_path / "warmup.png", 300, 200)
+    script = textwrap.dedent("""
+        import resource, sys
+        from pathlib import Path
+        import torch
+        from fgh_deploy.config import PreprocessConfig
+        from fgh_deploy.images import load_image
+        torch.set_num_threads(1)
+        folder, cfg = Path(sys.argv[1]), PreprocessConfig()
+        load_image(folder / "warmup.png", cfg)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for name in ["20000x1.png", "60000x1.png", "1x200000.png"]:
+            out = load_image(folder / name, cfg)
+            assert out.shape == (3, 224, 224), out.shape
+            assert (out == torch.tensor([200, 100, 50], dtype=torch.uint8).view(3, 1, 1)).all(), name
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 150, f"peak RSS grew by {done.stdout.strip()} MB"
+
+
+def test_device_path_leaves_extreme_aspect_ratios_to_pillow(tmp_path: Path) -> None:
+    # The device decoder resizes whole images, so such JPEGs go the bounded Pillow way.
+    extreme = (MAX_FULL_RESIZE_RATIO + 1) * 8
+    Image.new("RGB", (extreme, 8), (10, 20, 30)).save(tmp_path / "wide.jpg")
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(tmp_path / "plain.jpg")
+    cfg = PreprocessConfig(input_size=8, resize_size=8)
+    assert read_plain_jpeg(tmp_path / "wide.jpg") is not None
+    assert read_plain_jpeg(tmp_path / "wide.jpg", cfg) is None
+    assert read_plain_jpeg(tmp_path / "plain.jpg", cfg) is not None
+    loader = ImageBatchLoader(["wide.jpg", "plain.jpg"], cfg, root=tmp_path, jpeg_device="cpu")
+    (batch,) = list(loader)
+    assert batch.indices == [0, 1] and batch.failures == []
+    assert torch.equal(batch.images[0], load_image(tmp_path / "wide.jpg", cfg))
