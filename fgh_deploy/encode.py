@@ -1,15 +1,27 @@
-"""``fgh encode``: an image folder → packed codes in a crash-safe, resumable index.
+r"""``fgh encode``: an image folder → packed codes in a crash-safe, resumable index.
 
 Decoding runs in DataLoader worker processes while the engine encodes the previous batch. Rows
 are committed to the index every few seconds, so a killed run (even ``kill -9``) loses at most
 the uncommitted tail, and the next run resumes: images already in the index are not encoded
 again, images deleted from the folder (or modified since) are dropped, new ones are appended.
+``--rebuild`` builds the new index beside the old one and switches them when it is complete
+(see :mod:`fgh_deploy.index`): an interrupted rebuild leaves the old index.
+
+``skipped.tsv`` in the index folder lists, one line each, what was not encoded: files that
+could not be decoded, and what the folder scan left out (FIFOs, devices, over-long paths,
+directory symlinks not followed). A line is ``PATH<TAB>REASON<LF>``, UTF-8, and both fields are
+escaped so that no file name can forge a line or a field: ``\\`` for a backslash, ``\t``,
+``\n`` and ``\r``, ``\xNN`` for any other byte below 0x20, for 0x7f and for each byte of the
+name that is not valid UTF-8, ``\u0085``, ``\u2028`` and ``\u2029`` for the characters some
+readers take for line breaks. Undoing the escapes gives the name's bytes exactly
+(``os.fsencode`` of the path).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,17 +32,20 @@ import numpy as np
 import torch
 
 from .bits import pack_codes
+from .checkpoint import atomic_write
+from .display import display_path
 from .errors import FghError
-from .images import ImageBatchLoader, list_images
-from .index import CodeIndex
+from .images import IMAGE_EXTENSIONS, ImageBatchLoader, scan_images
+from .index import SKIPPED_LOG, CodeIndex
 
 if TYPE_CHECKING:
     from engines.base import Engine
 
 log = logging.getLogger(__name__)
 
-SKIPPED_LOG = "skipped.tsv"
 COMMIT_SECONDS = 2.0
+#: What ``fgh encode`` suggests when the index at --out was built by another model or from another folder.
+REBUILD_HINT = "use --rebuild to replace it, or another --out"
 # With a CUDA engine, nvJPEG decodes by default only below this many decoding workers. Measured on
 # an H100 machine (4,153 cub100 photos, batch 64, `fgh bench encode`): 2 workers: nvJPEG 2,194 img/s
 # vs Pillow 1,771; 8 workers: nvJPEG 2,109 vs Pillow 4,745. nvJPEG decodes a batch in 3 ms, but
@@ -84,41 +99,54 @@ def _default_workers() -> int:
 def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathLike, *,
                   batch_size: int = 64, workers: int | None = None, rebuild: bool = False,
                   progress: bool | None = None, commit_seconds: float = COMMIT_SECONDS,
-                  gpu_decode: bool | None = None) -> EncodeSummary:
+                  gpu_decode: bool | None = None, follow_links: bool = False) -> EncodeSummary:
     """Encode every image under ``folder`` into the index at ``out`` (created or resumed).
 
     Args:
-        folder: image folder (recursive; hidden files skipped; symlinks followed without loops).
+        folder: image folder (recursive; hidden files ignored; see ``follow_links``).
         engine: an opened :class:`engines.base.Engine`.
         out: index directory.
         batch_size: images per engine call.
         workers: decoding processes (default: cores − 1, at most 8; 0 decodes in this process).
-        rebuild: start the index from scratch instead of resuming it.
+        rebuild: build a new index instead of resuming; it replaces the old one when complete.
         progress: show a progress bar on stderr (default: only when stderr is a terminal).
         commit_seconds: commit appended rows at least this often (a kill loses at most that much work).
         gpu_decode: decode JPEGs with nvJPEG on the engine's GPU instead of with Pillow in the
             workers (default: when the engine runs on CUDA and fewer than
             ``GPU_DECODE_BELOW_WORKERS`` decoding workers run; more CPU workers were faster).
+        follow_links: descend into symlinked directories (each directory once); by default
+            they are listed as skipped. Linked files are read either way.
 
     Returns:
-        An :class:`EncodeSummary`; images that could not be read are listed in ``skipped`` and in
-        ``skipped.tsv`` inside the index.
+        An :class:`EncodeSummary`; images that could not be read, and what the scan left out,
+        are listed in ``skipped`` and in ``skipped.tsv`` inside the index.
 
     Raises:
-        FghError: missing folder, an index built by another model or from another folder
-            (without ``rebuild``), a damaged index, ``gpu_decode`` with an engine not on CUDA.
+        FghError: missing folder, a folder without images (the index is not touched), an index
+            built by another model or from another folder (without ``rebuild``), index data
+            without a manifest (without ``rebuild``), a damaged or hostile index folder, a
+            full disk (the index keeps what was committed), ``gpu_decode`` with an engine not
+            on CUDA.
     """
     start = time.perf_counter()
     workers = _default_workers() if workers is None else workers
     decode_device = _decode_device(engine, gpu_decode, workers)
     root = Path(folder)
     out = Path(out)
-    paths = list_images(root)
+    scan = scan_images(root, follow_links=follow_links)
+    paths = scan.paths
+    if not paths:
+        # An empty (or unmounted) folder would otherwise empty the index: every row "deleted".
+        left_out = f"; {len(scan.skipped)} entries left out, e.g. {display_path(scan.skipped[0][0])}: " \
+                   f"{scan.skipped[0][1]}" if scan.skipped else ""
+        raise FghError(f"{display_path(root)}: no images found ({'/'.join(IMAGE_EXTENSIONS)} files, searched "
+                       f"recursively{left_out}); {display_path(out)} was not touched")
     root_str = str(root.resolve())
     index = _open_or_create(out, engine, root_str, rebuild)
     with index:
         summary = EncodeSummary(index=str(out), folder=root_str, engine=engine.describe(), bits=engine.bits,
                                 images=len(paths))
+        summary.skipped.extend({"path": path, "reason": reason} for path, reason in scan.skipped)
         stats = {p: _file_stats(root, p) for p in paths}
         # Keep rows whose file is still there, unchanged; everything else is (re-)encoded.
         existing = index.all_paths()
@@ -162,9 +190,10 @@ def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> Code
         return CodeIndex.create(out, overwrite=rebuild, **meta)
     index = CodeIndex.open(out, writable=True)
     try:
-        index.check_compatible(engine.bits, engine.fingerprint)
+        index.check_compatible(engine.bits, engine.fingerprint, hint=REBUILD_HINT)
         if index.root != root:
-            raise FghError(f"{out}: built from {index.root}, not {root}; use --rebuild or another --out")
+            raise FghError(f"{display_path(out)}: built from {display_path(index.root)}, not "
+                           f"{display_path(root)}; {REBUILD_HINT}")
     except FghError:
         index.close()
         raise
@@ -236,9 +265,33 @@ def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
 
 
-def _write_skipped_log(out: Path, skipped: list[dict]) -> None:
-    """One line per unreadable image (path TAB reason), replaced on every run."""
-    from .checkpoint import atomic_write
+# Characters escaped in a skipped.tsv field (the format is in the module docstring); lone
+# surrogates are the bytes of a name that are not UTF-8 (os.fsdecode's surrogate escapes).
+_TSV_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f\x85\u2028\u2029\udc80-\udcff]")
+_TSV_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
-    text = "".join(f"{s['path']}\t{s['reason']}\n" for s in skipped)
-    atomic_write(out / SKIPPED_LOG, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+def _tsv_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _TSV_NAMED:
+        return _TSV_NAMED[char]
+    code = ord(char)
+    if code in (0x85, 0x2028, 0x2029):
+        return f"\\u{code:04x}"
+    return f"\\x{code & 0xff:02x}"  # a control byte, or the byte a surrogate escape stands for
+
+
+def _tsv_field(text: str) -> str:
+    """``text`` (a path or a reason, possibly with surrogate escapes) as one skipped.tsv field."""
+    return _TSV_UNSAFE.sub(_tsv_escape, text)
+
+
+def _write_skipped_log(out: Path, skipped: list[dict]) -> None:
+    """One line per skipped entry (path TAB reason, escaped), replaced on every run."""
+    text = "".join(f"{_tsv_field(s['path'])}\t{_tsv_field(s['reason'])}\n" for s in skipped)
+    try:
+        atomic_write(out / SKIPPED_LOG, lambda f: f.write(text.encode("utf-8")))
+    except OSError as exc:
+        # The index itself is committed by now: say so, in one line.
+        raise FghError(f"{display_path(out)}: cannot write {SKIPPED_LOG} ({exc.strerror or exc}); the index "
+                       "itself is complete") from None

@@ -4,6 +4,7 @@ An index is a directory::
 
     manifest.json        small JSON, rewritten atomically on every commit (see below)
     lock                 flock'ed by the one writer; holds its pid
+    skipped.tsv          (optional) what ``fgh encode`` could not read; travels with the index
     codes.<gen>.bin      N × code_size bytes: the packed codes, row after row (uint8)
     paths.<gen>.bin      every image's relative path, os.fsencode'd, concatenated
     offsets.<gen>.bin    N little-endian int64: the end of row i's path in paths.<gen>.bin
@@ -38,21 +39,38 @@ Crash safety (a kill -9 at any moment leaves the last committed state):
   old files are deleted. Files of a generation the manifest does not name are leftovers of a
   crash, ignored by readers and deleted by the next writer.
 
-POSIX only (``fcntl.flock`` and directory fsync), like the checkpoint writer.
+* A replacement (:meth:`CodeIndex.create` with ``overwrite=True`` over an existing index) is
+  built in the sibling folder ``.<name>.fgh-rebuild`` while the old index stays in place,
+  locked. Only when the new one is complete (:meth:`CodeIndex.publish`, or a clean exit of its
+  ``with`` block) are the folders switched: old → ``.<name>.fgh-replaced``, new → ``<name>``,
+  then the old one is deleted. A crash before the first rename leaves the old index (the half-built
+  sibling is deleted by the next writer); a crash between the renames leaves the old index in
+  ``.<name>.fgh-replaced``, which the next writer renames back; after the second rename the
+  new index is in place.
+
+Hostile folders: every file of an index is opened without following symbolic links and must
+be a regular file, or the open fails with one line; nothing is truncated or deleted before the
+whole index has been checked. Running out of disk space (``ENOSPC``, ``EFBIG``, ``EDQUOT``)
+is an :class:`~fgh_deploy.errors.FghError` that leaves the last commit in place.
+
+POSIX only (``fcntl.flock``, ``O_NOFOLLOW`` and directory fsync), like the checkpoint writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
 import operator
 import os
 import re
+import stat
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,6 +78,8 @@ import numpy as np
 
 from .bits import BIT_ORDER, packed_width
 from .checkpoint import atomic_write
+from .config import parse_json_object
+from .display import display_path, terminal_safe
 from .errors import FghError
 from .search import HammingSearcher
 
@@ -69,11 +89,26 @@ FORMAT = "fgh-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = "lock"
+#: What ``fgh encode`` could not read; the one file besides the index's own that its folder holds.
+SKIPPED_LOG = "skipped.tsv"
 
 _KINDS = ("codes", "paths", "offsets", "stats")
 _DATA_FILE = re.compile(r"(codes|paths|offsets|stats)\.(\d+)\.bin")
 # atomic_write's temporary manifest, left behind when a commit is killed before its rename.
 _MANIFEST_TMP = re.compile(re.escape(f".{MANIFEST}.") + r".+\.tmp")
+# Every name an index folder may hold: a replacement may move and delete exactly these.
+_INDEX_ENTRY = re.compile(
+    r"(codes|paths|offsets|stats)\.\d+\.bin|"
+    + "|".join(re.escape(name) for name in (MANIFEST, LOCK, SKIPPED_LOG))
+    + "|" + "|".join(re.escape(f".{name}.") + r".+\.tmp" for name in (MANIFEST, SKIPPED_LOG))
+)
+# Sibling folders of a replacement in progress (see the module docstring).
+_REBUILD_SUFFIX = ".fgh-rebuild"
+_REPLACED_SUFFIX = ".fgh-replaced"
+# fgh writes manifests of a few KB; a bigger one is not fgh's and is not read into memory.
+_MAX_MANIFEST_BYTES = 1 << 20
+# Errors that mean the disk (or the file size or quota allowed) is full.
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _INT64 = np.dtype("<i8")
 _CRC_CHUNK = 1 << 24
@@ -111,13 +146,19 @@ class CodeIndex:
         self._pending = 0
         self._views: dict[str, np.ndarray] = {}
         self._searcher: HammingSearcher | None = None
+        # A replacement being built: the index it replaces and that index's held writer lock.
+        self._replaces: tuple[Path, IO[bytes]] | None = None
 
     # ----------------------------------------------------------------- opening
 
     @staticmethod
     def exists(path: str | os.PathLike[str]) -> bool:
-        """Whether ``path`` holds an index (a ``manifest.json``; :meth:`open` checks the rest)."""
-        return (Path(path) / MANIFEST).is_file()
+        """Whether ``path`` holds an index: a ``manifest.json`` entry (:meth:`open` checks the rest),
+        or the old index of a replacement interrupted between its renames (a writer restores it)."""
+        path = Path(path)
+        return os.path.lexists(path / MANIFEST) or (
+            not os.path.lexists(path) and os.path.lexists(_sibling(path, _REPLACED_SUFFIX) / MANIFEST)
+        )
 
     @classmethod
     def create(
@@ -144,15 +185,18 @@ class CodeIndex:
             engine: JSON-serialisable description of what produces the codes,
                 e.g. ``{"kind": "pytorch", "path": "m.pt", "precision": "fp32"}``.
             root: The image folder the relative paths are relative to.
-            overwrite: Replace an existing index. The replacement is atomic: a crash
-                before it completes leaves the old index.
+            overwrite: Replace an existing index (or the data files of one whose manifest is
+                gone). The new index is built beside the old one, which stays searchable and
+                locked until :meth:`publish` (or a clean exit of the ``with`` block) switches
+                them; closing before that, or a crash, leaves the old index.
 
         Returns:
             The new, writable, empty index.
 
         Raises:
             FghError: Bad arguments, ``path`` is a file or a foreign non-empty directory,
-                an index exists there and ``overwrite`` is false, or another writer holds it.
+                an index (or its data files) exists there and ``overwrite`` is false, or
+                another writer holds it.
         """
         code_size = packed_width(bits)
         if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
@@ -176,43 +220,93 @@ class CodeIndex:
         _encode_manifest(manifest)  # a value JSON cannot hold fails here, before any disk write
 
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise FghError(f"{path}: exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
+        shown = display_path(path)
+        _restore_interrupted_replacement(path)
+        if os.path.lexists(path) and not path.is_dir():
+            raise FghError(f"{shown}: exists and is not a directory")
+        names = os.listdir(path) if path.exists() else []
+        data_files = sorted(filter(_DATA_FILE.fullmatch, names))
         # An index folder may hold other files (encode's skipped.tsv), but a folder without
         # data files must hold nothing but a crashed create's: never write into, say, the
         # image folder. Checked before the lock file is made, so a refused folder stays as it was.
-        names = os.listdir(path)
-        if not any(map(_DATA_FILE.fullmatch, names)):
+        if not data_files:
             foreign = sorted(n for n in names if n != LOCK and not _MANIFEST_TMP.fullmatch(n))
             if foreign:
                 raise FghError(
-                    f"{path}: not empty and not an fgh index (holds {foreign[0]!r}); "
+                    f"{shown}: not empty and not an fgh index (holds {display_path(foreign[0])!r}); "
                     "refusing to write into it"
                 )
+        has_manifest = MANIFEST in names
+        if data_files and not has_manifest and not overwrite and not _only_empty_files(path, data_files):
+            # Index data without a manifest is not a crashed create (whose data files are empty):
+            # someone deleted the manifest. Replacing the data must be asked for.
+            raise FghError(
+                f"{shown}: holds fgh index data ({', '.join(data_files[:4])}) but no {MANIFEST}; "
+                "refusing to replace it: replace it with --rebuild (overwrite=True) or choose another --out"
+            )
+        if data_files and overwrite:
+            return cls._create_replacement(path, manifest)
+        path.mkdir(parents=True, exist_ok=True)
         lock = _acquire_lock(path)
-        files: dict[str, IO[bytes]] = {}
         try:
-            if (path / MANIFEST).exists() and not overwrite:
+            if has_manifest:
                 raise FghError(
-                    f"{path}: already holds an fgh index; replace it with --rebuild "
+                    f"{shown}: already holds an fgh index; replace it with --rebuild "
                     "(overwrite=True) or choose another --out"
                 )
-            # Above every generation on disk, so the files of a replaced index (or of a
-            # crashed compaction) are never reused while the old manifest may name them.
+            _remove_rebuild_leftovers(path)
+            return cls._create_in(path, manifest, lock)
+        except BaseException:
+            lock.close()
+            raise
+
+    @classmethod
+    def _create_in(cls, path: Path, manifest: dict[str, Any], lock: IO[bytes]) -> CodeIndex:
+        """Write an empty index into ``path`` (locked by ``lock``, which the index then owns)."""
+        files: dict[str, IO[bytes]] = {}
+        try:
+            # Above every generation on disk, so the files of a crashed compaction or create
+            # are never reused.
             manifest["generation"] = 1 + max(_generations_on_disk(path), default=-1)
             for kind in _KINDS:
-                files[kind] = open(path / _file_name(kind, manifest["generation"]), "w+b")
+                files[kind] = _open_file(path, _file_name(kind, manifest["generation"]), "new")
                 os.fsync(files[kind].fileno())
             _fsync_dir(path)
             _write_manifest(path, manifest)
             index = cls(path, manifest, files, lock)
+            index._remove_leftovers()
+        except OSError as exc:
+            _close_all(files.values())
+            if exc.errno in _NO_SPACE:
+                raise FghError(f"{display_path(path)}: no space left on device while creating the index") from None
+            raise
         except BaseException:
             _close_all(files.values())
-            lock.close()
             raise
-        index._remove_leftovers()
-        log.info("%s: created an empty %d-bit index", path, bits)
+        log.info("%s: created an empty %d-bit index", path, manifest["bits"])
+        return index
+
+    @classmethod
+    def _create_replacement(cls, path: Path, manifest: dict[str, Any]) -> CodeIndex:
+        """An empty index in ``.<name>.fgh-rebuild`` that :meth:`publish` moves to ``path``."""
+        names = os.listdir(path)
+        foreign = sorted(n for n in names if not _INDEX_ENTRY.fullmatch(n))
+        if foreign:
+            # The replacement takes the folder's place: anything else in it would vanish with the old index.
+            raise FghError(
+                f"{display_path(path)}: holds {display_path(foreign[0])!r}, which is not part of an fgh "
+                "index; move it away before replacing the index"
+            )
+        old_lock = _acquire_lock(path)
+        try:
+            _remove_rebuild_leftovers(path)
+            staging = _sibling(path, _REBUILD_SUFFIX)
+            staging.mkdir()
+            index = cls._create_in(staging, manifest, _acquire_lock(staging))
+        except BaseException:
+            old_lock.close()
+            raise
+        index._replaces = (path, old_lock)
         return index
 
     @classmethod
@@ -224,7 +318,8 @@ class CodeIndex:
         Args:
             path: The index directory.
             writable: Take the writer lock, drop the bytes of an interrupted append and
-                delete a crashed compaction's leftovers. Read-only opens write nothing.
+                delete a crashed compaction's or replacement's leftovers (and move back an
+                old index a crashed replacement left beside it). Read-only opens write nothing.
             verify: Check the CRC of every committed byte (see the module docstring for
                 the cost); sizes are always checked.
 
@@ -232,10 +327,13 @@ class CodeIndex:
             The index.
 
         Raises:
-            FghError: Not an index, a newer format, a damaged manifest or data file, or
-                (``writable``) another writer holds it. The message says which and why.
+            FghError: Not an index, a newer format, a damaged manifest or data file, a link
+                or a non-regular file among its files, or (``writable``) another writer
+                holds it. The message says which and why.
         """
         path = Path(path)
+        if writable:
+            _restore_interrupted_replacement(path)
         _read_manifest(path)  # "not an index" before taking a lock in a foreign folder
         lock = _acquire_lock(path) if writable else None
         files: dict[str, IO[bytes]] = {}
@@ -247,23 +345,24 @@ class CodeIndex:
                 gen = manifest["generation"]
                 try:
                     for kind in _KINDS:
-                        files[kind] = open(path / _file_name(kind, gen), "r+b" if writable else "rb")
+                        files[kind] = _open_file(path, _file_name(kind, gen), "update" if writable else "read")
                     break
                 except FileNotFoundError as exc:
                     _close_all(files.values())
                     files = {}
                     if writable or attempt == 2 or _read_manifest(path)["generation"] == gen:
                         name = Path(exc.filename).name
-                        raise FghError(f"{path}: damaged: {name} is missing") from None
+                        raise FghError(f"{display_path(path)}: damaged: {name} is missing") from None
             index = cls(path, manifest, files, lock)
             index._check_data(verify)
+            if writable:
+                index._remove_leftovers()
+                _remove_rebuild_leftovers(path)
         except BaseException:
             _close_all(files.values())
             if lock is not None:
                 lock.close()
             raise
-        if writable:
-            index._remove_leftovers()
         return index
 
     # -------------------------------------------------------------- properties
@@ -419,20 +518,22 @@ class CodeIndex:
         """Make the appended rows durable and visible: fsync the data, then switch the manifest.
 
         Raises:
-            FghError: The index is read-only.
+            FghError: The index is read-only, or the disk is full (the rows stay uncommitted).
         """
         self._require_writable("commit")
         if self._pending == 0:
             return
-        for f in self._open_files().values():
-            f.flush()
-            os.fsync(f.fileno())
+        gen = self._manifest["generation"]
+        for kind, f in self._open_files().items():
+            with self._no_space_is_an_error(_file_name(kind, gen)):
+                os.fsync(f.fileno())
         manifest = dict(
             self._manifest,
             ntotal=self.ntotal + self._pending,
             files={kind: {"bytes": size, "crc32": crc} for kind, (size, crc) in self._written.items()},
         )
-        _write_manifest(self._path, manifest)
+        with self._no_space_is_an_error(MANIFEST):
+            _write_manifest(self._path, manifest)
         log.debug("%s: committed %d rows (%d in all)", self._path, self._pending, manifest["ntotal"])
         self._set_committed(manifest)
 
@@ -446,12 +547,13 @@ class CodeIndex:
             keep_mask: bool array of :attr:`ntotal` entries.
 
         Raises:
-            FghError: Read-only index, uncommitted rows, or a mask of the wrong shape/dtype.
+            FghError: Read-only index, uncommitted rows, a mask of the wrong shape/dtype, or
+                the disk is full (the index stays as it was).
         """
         self._require_writable("compact")
         n = self.ntotal
         if self._pending:
-            raise FghError(f"{self._path}: commit() the {self._pending} appended rows before compacting")
+            raise FghError(f"{display_path(self._path)}: commit() the {self._pending} appended rows before compacting")
         keep = np.asarray(keep_mask)
         if keep.dtype != np.bool_ or keep.shape != (n,):
             raise FghError(f"keep_mask must be a bool array of {n} entries, got {keep.dtype} {keep.shape}")
@@ -460,16 +562,16 @@ class CodeIndex:
         gen = self._manifest["generation"] + 1
         new_files: dict[str, IO[bytes]] = {}
         try:
-            for kind in _KINDS:
-                new_files[kind] = open(self._path / _file_name(kind, gen), "w+b")
-            state = self._copy_rows(keep, new_files)
-            for f in new_files.values():
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(self._path)  # the new names must be durable before a manifest names them
+            with self._no_space_is_an_error(f"generation {gen} of its data files (compacting)"):
+                for kind in _KINDS:
+                    new_files[kind] = _open_file(self._path, _file_name(kind, gen), "new")
+                state = self._copy_rows(keep, new_files)
+                for f in new_files.values():
+                    os.fsync(f.fileno())
+                _fsync_dir(self._path)  # the new names must be durable before a manifest names them
         except BaseException:
             _close_all(new_files.values())
-            for kind in _KINDS:
+            for kind in new_files:  # only the files this call created
                 (self._path / _file_name(kind, gen)).unlink(missing_ok=True)
             raise
         manifest = dict(
@@ -479,7 +581,8 @@ class CodeIndex:
             files={kind: {"bytes": size, "crc32": crc} for kind, (size, crc) in state.items()},
         )
         try:
-            _write_manifest(self._path, manifest)  # the switch
+            with self._no_space_is_an_error(MANIFEST):
+                _write_manifest(self._path, manifest)  # the switch
         except BaseException:
             # Not switched: the new files are leftovers the next writable open deletes.
             _close_all(new_files.values())
@@ -496,16 +599,21 @@ class CodeIndex:
         keep[self._check_rows(rows)] = False
         self.compact(keep)
 
-    def check_compatible(self, bits: int, fingerprint: str) -> None:
+    def check_compatible(self, bits: int, fingerprint: str, *, hint: str = "") -> None:
         """Refuse to mix codes of another model or bit length into this index.
+
+        Args:
+            bits: The model's code length.
+            fingerprint: The model's sha256.
+            hint: What the caller's user can do about a mismatch, appended after " — ".
 
         Raises:
             FghError: ``bits`` or ``fingerprint`` differ from the index's.
         """
         if bits != self.bits or fingerprint != self.fingerprint:
             raise FghError(
-                f"{self._path}: built with model {self.fingerprint[:12]} at {self.bits} bits; "
-                f"this model is {str(fingerprint)[:12]} at {bits} bits — use --rebuild or another --out"
+                f"{display_path(self._path)}: built with model {self.fingerprint[:12]} at {self.bits} bits; "
+                f"this model is {str(fingerprint)[:12]} at {bits} bits" + (f" — {hint}" if hint else "")
             )
 
     # --------------------------------------------------------------- searching
@@ -530,12 +638,48 @@ class CodeIndex:
 
     # ------------------------------------------------------------------ closing
 
+    def publish(self) -> None:
+        """Commit, and put a replacement (``create(..., overwrite=True)``) in the old index's place.
+
+        The switch is two renames in the parent folder (see the module docstring): old →
+        ``.<name>.fgh-replaced``, this one → ``<name>``; then the old index is deleted. For
+        an index that replaces nothing this is :meth:`commit`.
+
+        Raises:
+            FghError: The index is read-only or the disk is full; or the switch failed, with
+                the old index kept (what to do is in the message).
+        """
+        self.commit()
+        if self._replaces is None:
+            return
+        target, old_lock = self._replaces
+        staging = self._path
+        replaced = _sibling(target, _REPLACED_SUFFIX)
+        try:
+            os.rename(target, replaced)
+        except OSError as exc:
+            raise FghError(f"{display_path(target)}: cannot move the old index aside ({exc.strerror})") from None
+        try:
+            os.rename(staging, target)
+        except OSError as exc:
+            os.rename(replaced, target)
+            raise FghError(f"{display_path(target)}: cannot move the new index in place ({exc.strerror})") from None
+        _fsync_dir(target.parent)
+        self._path = target
+        self._replaces = None
+        old_lock.close()
+        _remove_index_folder(replaced)
+        log.info("%s: replaced by a new index of %d rows", target, self.ntotal)
+
     def close(self) -> None:
-        """Release the files and the writer lock; uncommitted rows are discarded."""
+        """Release the files and the writer lock; uncommitted rows are discarded.
+
+        A replacement that was not published is deleted, and the old index stays.
+        """
         if self._files is None:
             return
         try:
-            if self._pending:
+            if self._pending and self._replaces is None:
                 log.warning("%s: discarding %d uncommitted rows", self._path, self._pending)
                 self._truncate(self._committed)
                 self._pending = 0
@@ -544,6 +688,11 @@ class CodeIndex:
             self._files = None
             if self._lock is not None:
                 self._lock.close()  # closing the descriptor releases the flock
+            if self._replaces is not None:
+                target, old_lock = self._replaces
+                log.warning("%s: replacement not completed; the old index stays", target)
+                _remove_index_folder(self._path)
+                old_lock.close()
 
     def __enter__(self) -> CodeIndex:
         return self
@@ -551,7 +700,7 @@ class CodeIndex:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if exc_type is None and self.writable and self._files is not None:
-                self.commit()
+                self.publish()
         finally:
             self.close()
 
@@ -563,13 +712,13 @@ class CodeIndex:
 
     def _open_files(self) -> dict[str, IO[bytes]]:
         if self._files is None:
-            raise ValueError(f"{self._path}: the index is closed")
+            raise ValueError(f"{display_path(self._path)}: the index is closed")
         return self._files
 
     def _require_writable(self, action: str) -> None:
         self._open_files()
         if self._lock is None:
-            raise FghError(f"{self._path}: opened read-only; cannot {action} it")
+            raise FghError(f"{display_path(self._path)}: opened read-only; cannot {action} it")
 
     def _check_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -601,45 +750,71 @@ class CodeIndex:
     def _check_data(self, verify: bool) -> None:
         """Compare each data file with the manifest; drop an interrupted append if writable."""
         gen = self._manifest["generation"]
+        shown = display_path(self._path)
+        sizes = {}
         for kind, f in self._open_files().items():
             name = _file_name(kind, gen)
             want, want_crc = self._committed[kind]
-            size = os.fstat(f.fileno()).st_size
-            if size < want:
+            sizes[kind] = os.fstat(f.fileno()).st_size
+            if sizes[kind] < want:
                 raise FghError(
-                    f"{self._path}: damaged: {name} is {size} bytes, the manifest says {want} (truncated?)"
+                    f"{shown}: damaged: {name} is {sizes[kind]} bytes, the manifest says {want} (truncated?)"
                 )
-            if size > want and self.writable:
-                log.info("%s: dropping %d bytes of an interrupted append from %s", self._path, size - want, name)
-                f.truncate(want)
             if verify and _crc32(f, want) != want_crc:
-                raise FghError(f"{self._path}: damaged: {name} checksum mismatch (edited or corrupt)")
+                raise FghError(f"{shown}: damaged: {name} checksum mismatch (edited or corrupt)")
         # Offsets index into the path blob: bad ones would decode wrong paths, not fail.
         ends = self._view("offsets")
         paths_size = self._committed["paths"][0]
         last = int(ends[-1]) if len(ends) else 0
         if last != paths_size or (verify and len(ends) and (ends[0] < 0 or (np.diff(ends) < 0).any())):
             raise FghError(
-                f"{self._path}: damaged: {_file_name('offsets', gen)} does not match "
+                f"{shown}: damaged: {_file_name('offsets', gen)} does not match "
                 f"{_file_name('paths', gen)} ({paths_size} bytes)"
             )
+        if not self.writable:
+            return
+        # Only now, with every file checked, is anything cut.
+        for kind, f in self._open_files().items():
+            want = self._committed[kind][0]
+            if sizes[kind] > want:
+                log.info("%s: dropping %d bytes of an interrupted append from %s",
+                         self._path, sizes[kind] - want, _file_name(kind, gen))
+                f.truncate(want)
 
     def _write(self, kind: str, data: bytes) -> None:
         size, crc = self._written[kind]
         f = self._open_files()[kind]
         f.seek(size)
-        f.write(data)
-        # Pending rows wait in the OS page cache, not in a Python buffer that a later
-        # truncate or flush could write out of order.
-        f.flush()
+        # The files are unbuffered: pending rows wait in the OS page cache, never in a Python
+        # buffer that a later truncate or close could write out of order (or fail to flush).
+        with self._no_space_is_an_error(_file_name(kind, self._manifest["generation"])):
+            _write_all(f, data)
         # crc32 continues from the previous value: a commit never re-reads the file.
         self._written[kind] = (size + len(data), zlib.crc32(data, crc))
 
     def _truncate(self, state: dict[str, tuple[int, int]]) -> None:
         for kind, f in self._open_files().items():
-            f.flush()
             f.truncate(state[kind][0])
         self._written = dict(state)
+
+    @contextlib.contextmanager
+    def _no_space_is_an_error(self, writing: str) -> Iterator[None]:
+        """Turn a full disk (or file size limit, or quota) while writing ``writing`` into one line."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            reason = os.strerror(exc.errno).lower()
+            if self._replaces is not None:
+                raise FghError(
+                    f"{display_path(self._replaces[0])}: {reason} while writing its replacement "
+                    f"({writing}); the old index is kept as it was"
+                ) from None
+            raise FghError(
+                f"{display_path(self._path)}: {reason} while writing {writing}; the index keeps the "
+                f"{self.ntotal} images encoded before (run again with more space: it resumes)"
+            ) from None
 
     def _set_committed(self, manifest: dict[str, Any]) -> None:
         self._manifest = manifest
@@ -656,7 +831,7 @@ class CodeIndex:
 
         def write(kind: str, data: bytes) -> None:
             size, crc = state[kind]
-            files[kind].write(data)
+            _write_all(files[kind], data)
             state[kind] = (size + len(data), zlib.crc32(data, crc))
 
         for start in range(0, len(keep), _COMPACT_ROWS):
@@ -681,7 +856,13 @@ class CodeIndex:
             match = _DATA_FILE.fullmatch(name)
             if (match and int(match[2]) != gen) or _MANIFEST_TMP.fullmatch(name):
                 log.info("%s: removing leftover %s", self._path, name)
-                os.unlink(self._path / name)
+                try:
+                    os.unlink(self._path / name)  # a symlink goes, never what it points to
+                except IsADirectoryError:
+                    raise FghError(
+                        f"{display_path(self._path)}: {display_path(name)} is a directory where fgh keeps its "
+                        "files; move it away"
+                    ) from None
 
 
 # ------------------------------------------------------------------- helpers
@@ -721,23 +902,128 @@ def _check_codes(codes_packed: Any, bits: int, code_size: int) -> np.ndarray:
     return codes
 
 
+_OPEN_FLAGS = {
+    "read": os.O_RDONLY,
+    "update": os.O_RDWR,
+    "new": os.O_RDWR | os.O_CREAT | os.O_EXCL,
+    "lock": os.O_RDWR | os.O_CREAT,
+}
+
+
+def _open_file(folder: Path, name: str, how: str) -> IO[bytes]:
+    """Open ``folder / name`` unbuffered, refusing a symlink or anything but a regular file.
+
+    ``how``: ``"read"``, ``"update"`` (read and write), ``"new"`` (create; it must not exist)
+    or ``"lock"`` (read and write, created if missing). O_NOFOLLOW makes a link planted in
+    the folder fail instead of redirecting a write; O_NONBLOCK keeps a FIFO from blocking
+    the open, and the fstat refuses it (and directories, devices) before any byte is read.
+
+    Raises:
+        FileNotFoundError: ``name`` does not exist (and ``how`` does not create it).
+        FghError: ``name`` is a link, not a regular file, or cannot be opened.
+    """
+    shown = display_path(folder)
+    flags = _OPEN_FLAGS[how] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(folder / name, flags, 0o666)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FghError(f"{shown}: {name} is a symbolic link; fgh does not follow links inside an "
+                           "index folder (remove it)") from None
+        if exc.errno == errno.EISDIR:
+            raise FghError(f"{shown}: {name} is a directory, not a regular file") from None
+        if exc.errno == errno.EEXIST:
+            raise FghError(f"{shown}: {name} already exists (move it away)") from None
+        if exc.errno in _NO_SPACE:
+            raise
+        raise FghError(f"{shown}: cannot open {name} ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise FghError(f"{shown}: {name} is a {_file_kind(mode)}, not a regular file")
+    return os.fdopen(fd, "rb" if how == "read" else "r+b", buffering=0)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for is_kind, name in kinds if is_kind(mode)), "special file")
+
+
+def _write_all(f: IO[bytes], data: bytes) -> None:
+    """Write all of ``data``: an unbuffered write may write less (e.g. up to a size limit)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
 def _acquire_lock(path: Path) -> IO[bytes]:
     """Take the exclusive writer lock of ``path``, or say who holds it."""
-    lock = open(path / LOCK, "a+b")
+    lock = _open_file(path, LOCK, "lock")
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read(32).decode(errors="replace").strip() or "unknown"
+        owner = os.pread(lock.fileno(), 32, 0).decode(errors="replace").strip() or "unknown"
         lock.close()
-        raise FghError(f"{path}: locked by another fgh encode (pid {owner})") from None
+        raise FghError(f"{display_path(path)}: locked by another fgh encode (pid {terminal_safe(owner)})") from None
     except BaseException:
         lock.close()
         raise
     lock.truncate(0)
-    lock.write(str(os.getpid()).encode())
-    lock.flush()
+    os.pwrite(lock.fileno(), str(os.getpid()).encode(), 0)
     return lock
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """``.<name><suffix>`` next to the folder ``path`` resolves to (a linked --out stays linked)."""
+    real = Path(os.path.realpath(path))
+    if not real.name:
+        raise FghError(f"{display_path(path)}: cannot replace the root folder")
+    return real.parent / f".{real.name}{suffix}"
+
+
+def _restore_interrupted_replacement(path: Path) -> None:
+    """Move back an old index that a replacement killed between its two renames left aside."""
+    replaced = _sibling(path, _REPLACED_SUFFIX)
+    if os.path.lexists(path) or not os.path.isdir(replaced) or os.path.islink(replaced):
+        return
+    # Its writer still holding the lock means it is between the renames right now.
+    _acquire_lock(replaced).close()
+    log.warning("%s: restoring the index an interrupted replacement left in %s", path, replaced)
+    with contextlib.suppress(FileNotFoundError):  # another process restored it first
+        os.rename(replaced, Path(os.path.realpath(path)))
+
+
+def _remove_rebuild_leftovers(path: Path) -> None:
+    """Delete what a crashed replacement of ``path`` left beside it (caller holds ``path``'s lock)."""
+    for suffix in (_REBUILD_SUFFIX, _REPLACED_SUFFIX):
+        leftover = _sibling(path, suffix)
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            log.info("%s: removing %s, left by an interrupted replacement", path, leftover)
+            _remove_index_folder(leftover)
+
+
+def _remove_index_folder(path: Path) -> None:
+    """Delete an index folder: only the names an index holds, then the folder if that emptied it."""
+    for name in os.listdir(path):
+        if _INDEX_ENTRY.fullmatch(name):
+            with contextlib.suppress(IsADirectoryError):
+                os.unlink(path / name)  # a symlink goes, never what it points to
+    try:
+        os.rmdir(path)
+    except OSError:
+        log.warning("%s: left in place: it holds files that are not part of an fgh index", path)
+
+
+def _only_empty_files(path: Path, names: list[str]) -> bool:
+    """Whether every name is an empty regular file (not a link): what a crashed create leaves."""
+    for name in names:
+        st = os.lstat(path / name)
+        if not stat.S_ISREG(st.st_mode) or st.st_size:
+            return False
+    return True
 
 
 def _encode_manifest(manifest: dict[str, Any]) -> bytes:
@@ -753,27 +1039,32 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     """Read and validate ``manifest.json``; every problem is an FghError naming the index."""
+    shown = display_path(path)
     if not path.is_dir():
-        raise FghError(f"{path}: no such index directory" if not path.exists() else f"{path}: not a directory")
+        raise FghError(f"{shown}: no such index directory" if not path.exists() else f"{shown}: not a directory")
     try:
-        raw = (path / MANIFEST).read_bytes()
+        f = _open_file(path, MANIFEST, "read")
     except FileNotFoundError:
-        raise FghError(f"{path}: not an fgh index (no {MANIFEST})") from None
+        raise FghError(f"{shown}: not an fgh index (no {MANIFEST})") from None
+    with f:
+        raw = f.read(_MAX_MANIFEST_BYTES + 1)
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise FghError(f"{shown}: {MANIFEST} is over {_MAX_MANIFEST_BYTES} bytes; fgh writes a few KB")
     try:
-        manifest = json.loads(raw)
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise FghError(f"{path}: {MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise FghError(f"{path}: not an fgh index ({MANIFEST} has format {found!r}, not {FORMAT!r})")
+        manifest = parse_json_object(raw, MANIFEST)
+    except FghError as exc:
+        raise FghError(f"{shown}: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        found = terminal_safe(repr(manifest.get("format")))[:80]
+        raise FghError(f"{shown}: not an fgh index ({MANIFEST} has format {found}, not {FORMAT!r})")
     version = manifest.get("format_version")
     if _is_int(version) and version > FORMAT_VERSION:
         raise FghError(
-            f"{path}: index format {version} is newer than this fgh understands ({FORMAT_VERSION}); upgrade fgh"
+            f"{shown}: index format {version} is newer than this fgh understands ({FORMAT_VERSION}); upgrade fgh"
         )
 
     def damaged(what: str) -> FghError:
-        return FghError(f"{path}: damaged: {MANIFEST} {what}")
+        return FghError(f"{shown}: damaged: {MANIFEST} {terminal_safe(what)[:200]}")
 
     for key, check in (
         ("format_version", lambda v: _is_int(v) and v >= 1),

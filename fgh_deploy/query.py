@@ -84,7 +84,7 @@ def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
 
 def check_engine_matches(index: CodeIndex, engine: Engine) -> None:
     """Refuse to search an index with codes from another model or preprocessing."""
-    index.check_compatible(engine.bits, engine.fingerprint)
+    index.check_compatible(engine.bits, engine.fingerprint, hint="query with the engine that built it (the default without --engine)")
     if PreprocessConfig.from_dict(index.preprocess) != engine.preprocess:
         raise FghError(f"{index.path}: built with preprocessing {index.preprocess}, "
                        f"but {engine.path.name} uses {engine.preprocess.to_dict()}")

@@ -18,6 +18,7 @@ import torch
 import fgh_deploy as fgh
 from engines import load_engine
 from fgh_deploy.encode import SKIPPED_LOG, encode_folder
+from fgh_deploy.images import LINK_NOT_FOLLOWED
 from fgh_deploy.index import CodeIndex
 from fgh_deploy.query import search_codes, search_images
 from fgh_deploy.search import knn_hamming
@@ -64,8 +65,9 @@ def test_encode_skips_bad_files_and_lists_them(folder: Path, model_path: Path, t
     summary = _encode(folder, model_path, tmp_path / "idx", batch_size=5)
     assert summary.images == 28 and summary.encoded == 24
     skipped = {s["path"]: s["reason"] for s in summary.skipped}
-    assert set(skipped) == {"bad/empty.jpg", "bad/text.jpg", "bad/truncated.jpg", "bad/broken_link.jpg"}
+    assert set(skipped) == {"bad/empty.jpg", "bad/text.jpg", "bad/truncated.jpg", "bad/broken_link.jpg", "bad/loop"}
     assert "empty file" in skipped["bad/empty.jpg"] and "broken symlink" in skipped["bad/broken_link.jpg"]
+    assert skipped["bad/loop"] == LINK_NOT_FOLLOWED  # listed, not walked
     log_lines = (tmp_path / "idx" / SKIPPED_LOG).read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in log_lines) == sorted(skipped)
     with CodeIndex.open(tmp_path / "idx") as index:

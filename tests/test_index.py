@@ -534,8 +534,14 @@ def test_create_refuses_to_overwrite(built: Path, tmp_path: Path) -> None:
     (built / "skipped.tsv").write_text("bad.jpg\tnot an image\n")  # an index folder may hold more
     with CodeIndex.create(built, **meta(12), overwrite=True) as index:
         assert len(index) == 0 and index.bits == 12
-    assert sorted(os.listdir(built)) == sorted(["manifest.json", "lock", "skipped.tsv",
-                                                *(f"{k}.1.bin" for k in KINDS)])
+        index.append(*batch(0, 12))
+        index.commit()
+        assert committed_batches(built) == 6  # built beside the old index, which stays until the switch
+    with CodeIndex.open(built) as index:
+        assert len(index) == len(batch(0, 12)[1]) and index.bits == 12
+    # The old folder (its skipped.tsv included) went with the old index; no sibling is left.
+    assert sorted(os.listdir(built)) == sorted(["manifest.json", "lock", *(f"{k}.0.bin" for k in KINDS)])
+    assert sorted(os.listdir(tmp_path)) == ["idx"]
 
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -582,10 +588,11 @@ def test_check_compatible(built: Path) -> None:
     with CodeIndex.open(built) as index:
         index.check_compatible(BITS, FP)
         for bits, fp in [(48, FP), (BITS, FP_OTHER)]:
-            message = (f"built with model {FP[:12]} at {BITS} bits; this model is {fp[:12]} at {bits} bits "
-                       "— use --rebuild or another --out")
+            message = f"built with model {FP[:12]} at {BITS} bits; this model is {fp[:12]} at {bits} bits"
             with pytest.raises(FghError, match=err(built, message)):
                 index.check_compatible(bits, fp)
+            with pytest.raises(FghError, match=err(built, message + " — do this")):
+                index.check_compatible(bits, fp, hint="do this")
 
 
 def test_one_writer_at_a_time(built: Path) -> None:
