@@ -175,6 +175,11 @@ def run_victim(job: dict[str, Any]) -> None:
     path = Path(job["path"])
     if job["op"] == "write":
         write_batches(path, job["start"], job["stop"], create=job["create"])
+    elif job["op"] == "rebuild":
+        with CodeIndex.create(path, **meta(REBUILD_BITS), overwrite=True) as index:
+            for b in range(3):
+                index.append(*batch(b, REBUILD_BITS))
+                index.commit()
     else:
         with CodeIndex.open(path, writable=True) as index:
             index.compact(np.arange(len(index)) % 3 != 1)
@@ -457,6 +462,39 @@ def test_kill9_during_compaction(zygote: Zygote, built: Path, fault: tuple[str, 
             assert index.all_paths() == ([p for p, k in zip(paths, keep) if k] if switched else paths)
     gen = 1 if switched else 0
     assert sorted(os.listdir(built)) == sorted(["manifest.json", "lock", *(f"{k}.{gen}.bin" for k in KINDS)])
+
+
+REBUILD_BITS = 12
+
+
+@pytest.mark.parametrize(
+    ("fault", "left", "replaced"),
+    [
+        # The new index complete, the old one not yet moved aside.
+        (("os.rename", 1), [".idx.fgh-rebuild", "idx"], False),
+        # Between the renames: no idx at all, the old index aside.
+        (("os.rename", 2), [".idx.fgh-rebuild", ".idx.fgh-replaced"], False),
+        # Switched; deleting the old index's files, then its folder.
+        (("os.unlink", 1), [".idx.fgh-replaced", "idx"], True),
+        (("os.rmdir", 1), [".idx.fgh-replaced", "idx"], True),
+    ],
+)
+def test_kill9_during_rebuild(
+    zygote: Zygote, built: Path, fault: tuple[str, int], left: list[str], replaced: bool
+) -> None:
+    result = zygote.run({"op": "rebuild", "path": str(built), "fault": list(fault)})
+    assert result["signal"] == signal.SIGKILL, result
+    assert sorted(os.listdir(built.parent)) == left
+    assert CodeIndex.exists(built)
+    CodeIndex.open(built, writable=True).close()  # the next writer puts things in order
+    assert sorted(os.listdir(built.parent)) == ["idx"]  # no sibling left
+    if replaced:
+        codes, paths, stats = expected(range(3), REBUILD_BITS)
+        with CodeIndex.open(built) as index:
+            assert index.bits == REBUILD_BITS and index.all_paths() == paths
+            np.testing.assert_array_equal(index.codes, codes)
+    else:
+        assert committed_batches(built) == 6
 
 
 def test_damage_is_reported_precisely(built: Path) -> None:
