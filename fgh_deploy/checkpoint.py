@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .config import HashConfig, PreprocessConfig
+from .display import display_path, terminal_safe
 from .errors import FghError
 
 FORMAT = "fgh-checkpoint"
@@ -62,7 +63,8 @@ class Checkpoint:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as exc:
             reason = " ".join(str(exc).split())[:300]
-            raise FghError(f"{self.path}: weights do not match its model config ({reason})") from exc
+            raise FghError(f"{display_path(self.path)}: weights do not match its model config "
+                           f"({terminal_safe(reason)})") from exc
         return model.to(device).eval()
 
 
@@ -153,46 +155,51 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
             the message names the file and the reason.
     """
     path = Path(path)
+    shown = display_path(path)
     if not path.exists():
-        raise FghError(f"{path}: no such checkpoint file")
+        raise FghError(f"{shown}: no such checkpoint file")
     if path.is_dir():
-        raise FghError(f"{path}: is a directory, not a checkpoint file")
+        raise FghError(f"{shown}: is a directory, not a checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        text = " ".join(str(exc).split())
+        text = terminal_safe(" ".join(str(exc).split()))
         if "Weights only load failed" in text or "Unsupported global" in text:
-            raise FghError(f"{path}: refused: it contains pickled Python objects, and loading it could run code "
+            raise FghError(f"{shown}: refused: it contains pickled Python objects, and loading it could run code "
                            f"(fgh checkpoints hold only tensors and plain values)") from exc
-        raise FghError(f"{path}: not a readable checkpoint (truncated or corrupt: {text[:160]})") from exc
+        raise FghError(f"{shown}: not a readable checkpoint (truncated or corrupt: {text[:160]})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
             hint = "; it looks like a bare state dict (use --weights for backbone weights)"
-        raise FghError(f"{path}: not an fgh checkpoint (no '{FORMAT}' header{hint})")
+        raise FghError(f"{shown}: not an fgh checkpoint (no '{FORMAT}' header{hint})")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FghError(f"{path}: checkpoint format {version!r} is newer than this fgh understands "
-                       f"({FORMAT_VERSION}); upgrade fgh")
+        raise FghError(f"{shown}: checkpoint format {terminal_safe(repr(version))[:40]} is newer than this fgh "
+                       f"understands ({FORMAT_VERSION}); upgrade fgh")
     config = payload.get("config")
     model_name = config.get("model") if isinstance(config, dict) else None
     if version < 2 and model_name in _CHANGED_IN_2:
-        raise FghError(f"{path}: a {model_name} checkpoint of format {version}, from an fgh before {model_name} was "
+        raise FghError(f"{shown}: a {model_name} checkpoint of format {version}, from an fgh before {model_name} was "
                        f"fixed ({_CHANGED_IN_2[model_name]}); its weights no longer give its codes: retrain it")
     try:
-        ckpt = Checkpoint(
-            path=path,
-            config=HashConfig.from_dict(payload["config"]),
-            preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
-            state_dict=payload["state_dict"],
-            fingerprint=str(payload["fingerprint"]),
-            provenance=dict(payload.get("provenance", {})),
-            extra=dict(payload.get("extra", {})),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FghError(f"{path}: damaged fgh checkpoint (bad or missing field {exc})") from exc
+        hash_config = HashConfig.from_dict(payload.get("config"))
+        preprocess = PreprocessConfig.from_dict(payload.get("preprocess"))
+    except FghError as exc:
+        raise FghError(f"{shown}: {exc}") from None
+    state_dict, recorded = payload.get("state_dict"), payload.get("fingerprint")
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items()):
+        raise FghError(f"{shown}: damaged fgh checkpoint (state_dict is not a dict of named tensors)")
+    if not isinstance(recorded, str):
+        raise FghError(f"{shown}: damaged fgh checkpoint (fingerprint is not a string)")
+    provenance, extra = payload.get("provenance", {}), payload.get("extra", {})
+    if not isinstance(provenance, dict) or not isinstance(extra, dict):
+        raise FghError(f"{shown}: damaged fgh checkpoint (provenance and extra must be dicts)")
+    ckpt = Checkpoint(path=path, config=hash_config, preprocess=preprocess, state_dict=state_dict,
+                      fingerprint=recorded, provenance=dict(provenance), extra=dict(extra))
     if verify and fingerprint(ckpt.config, ckpt.preprocess, ckpt.state_dict) != ckpt.fingerprint:
-        raise FghError(f"{path}: damaged checkpoint: weights do not match the recorded fingerprint")
+        raise FghError(f"{shown}: damaged checkpoint: weights do not match the recorded fingerprint")
     return ckpt
 
 

@@ -137,3 +137,37 @@ def test_newer_format_is_refused(saved: Path) -> None:
     _rewrite(saved, lambda p: p.update(format_version=99))
     with pytest.raises(fgh.FghError, match="format 99 is newer"):
         fgh.load_checkpoint(saved)
+
+
+@pytest.mark.parametrize(("section", "field", "value", "reason"), [
+    ("preprocess", "input_size", 20000, "bad preprocess.input_size: expected an integer in 32..1024, got 20000"),
+    ("preprocess", "input_size", 0, "bad preprocess.input_size: expected an integer in 32..1024, got 0"),
+    ("preprocess", "std", (0.2, 0.0, 0.2), "bad preprocess.std: expected 3 positive finite numbers"),
+    ("config", "bits", 10**6, "bad config.bits: expected an integer in 1..4096, got 1000000"),
+])
+def test_out_of_bounds_fields_are_refused_even_with_a_recomputed_fingerprint(
+        saved: Path, section: str, field: str, value, reason: str) -> None:
+    def edit(payload):
+        payload[section][field] = value
+        # What a careless tool would do: keep the file self-consistent.
+        payload["fingerprint"] = fgh.checkpoint.fingerprint(
+            fgh.HashConfig(**payload["config"]), fgh.PreprocessConfig(**payload["preprocess"]), payload["state_dict"])
+
+    _rewrite(saved, edit)
+    with pytest.raises(fgh.FghError) as info:
+        fgh.load_checkpoint(saved)
+    assert str(info.value).startswith(f"{saved}: {reason}") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda p: p.update(state_dict=[1, 2]), "state_dict is not a dict of named tensors"),
+    (lambda p: p["state_dict"].update(extra="not a tensor"), "state_dict is not a dict of named tensors"),
+    (lambda p: p.update(fingerprint=None), "fingerprint is not a string"),
+    (lambda p: p.update(extra=[1]), "provenance and extra must be dicts"),
+    (lambda p: p.pop("preprocess"), "bad preprocess: expected an object, got NoneType"),
+])
+def test_damaged_fields_are_one_line(saved: Path, edit, reason: str) -> None:
+    _rewrite(saved, edit)
+    with pytest.raises(fgh.FghError) as info:
+        fgh.load_checkpoint(saved)
+    assert str(info.value).startswith(f"{saved}: ") and reason in str(info.value)
