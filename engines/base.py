@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fgh_deploy.config import PreprocessConfig
+from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
 
 
@@ -23,7 +24,11 @@ class Engine(abc.ABC):
         preprocess: how images must be prepared (input size, resize, mean/std for reference:
             normalisation happens inside the engine).
         fingerprint: the source checkpoint's fingerprint; indexes use it to refuse codes from
-            another model.
+            another model, so a ``.pt``, its ``.onnx`` and its ``.engine`` share one index. It is
+            reported only after the file's weights were verified on load: against the checkpoint's
+            own fingerprint (``.pt``), against the ``integrity_sha256`` recorded at export over the
+            graph's weights and its metadata (``.onnx``), or over the plan bytes and the header
+            (``.engine``). An engine whose weights were changed after export does not load.
         model: the model config dict (name, bits, backbone, options).
     """
 
@@ -35,6 +40,11 @@ class Engine(abc.ABC):
         self.fingerprint = fingerprint
         self.model = model
         self.bits = int(model["bits"])
+
+    @property
+    def shown_path(self) -> str:
+        """The file's path as it may be printed (see :func:`fgh_deploy.display.display_path`)."""
+        return display_path(self.path)
 
     @property
     def input_size(self) -> int:
@@ -53,9 +63,10 @@ class Engine(abc.ABC):
         shape = tuple(images.shape)
         size = self.input_size
         if len(shape) != 4 or shape[1:] != (3, size, size):
-            raise FghError(f"{self.path.name}: expected images of shape (B, 3, {size}, {size}), got {shape}")
+            raise FghError(f"{display_path(self.path.name)}: expected images of shape (B, 3, {size}, {size}), "
+                           f"got {shape}")
         if images.dtype not in (torch.uint8, np.uint8):
-            raise FghError(f"{self.path.name}: expected uint8 images, got {images.dtype}")
+            raise FghError(f"{display_path(self.path.name)}: expected uint8 images, got {images.dtype}")
         if shape[0] == 0:
             return np.zeros((0, self.bits), np.float32)
         return self._encode_impl(images)

@@ -9,6 +9,7 @@ import torch
 
 import fgh_deploy as fgh
 from export import ONNX_OPSET, export_onnx, read_onnx_metadata
+from export.onnx import DIGEST_KEY, graph_digest
 
 
 @pytest.mark.parametrize("name", fgh.list_models())
@@ -22,7 +23,9 @@ def test_onnx_runtime_matches_pytorch(name: str, tmp_path, images: torch.Tensor)
     proto = onnx.load(str(path))
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [ONNX_OPSET]
     assert not list(tmp_path.glob("*.data")), "the model must be one self-contained file"
-    assert read_onnx_metadata(path) == {"model": name, "bits": 32}
+    metadata = read_onnx_metadata(path)
+    assert metadata.pop(DIGEST_KEY) == graph_digest(proto, metadata)  # sealed: weights and metadata
+    assert metadata == {"model": name, "bits": 32}
     # Training-only weights (AGMH's SIEA) are not in the graph.
     exported = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
     deployed = sum(p.numel() for p in model.parameters()) - sum(
