@@ -2,7 +2,8 @@
 
 The engine file's header (see :mod:`export.tensorrt`) is read and checked against the installed
 TensorRT and the current GPU before the plan is deserialised, so a plan built elsewhere is refused
-with the command that rebuilds it instead of failing inside TensorRT. Device buffers are torch
+with the command that rebuilds it instead of failing inside TensorRT, and the plan bytes are
+checked against the header's digest before TensorRT deserialises them. Device buffers are torch
 CUDA tensors and work is enqueued on torch's current stream, so copies and inference are ordered
 without extra synchronisation.
 """
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 
 from export.tensorrt import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
-                             read_engine_header)
-from fgh_deploy.config import PreprocessConfig
+                             read_engine_header, read_verified_plan)
+from fgh_deploy.config import HashConfig, PreprocessConfig
+from fgh_deploy.display import display_path
 from fgh_deploy.errors import BackendUnavailableError, FghError
 
 from .base import Engine
+from .torch_engine import check_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ class TensorRTEngine(Engine):
         cuda_graph_batch: batch size to capture and replay as a CUDA graph (None: never).
 
     Raises:
-        FghError: unreadable or foreign file, header/plan mismatch, deserialisation failure, a CPU
+        FghError: unreadable or foreign file, a plan or header changed after the build (digest
+            mismatch), header/plan mismatch, deserialisation failure, a CPU
             device, or a CUDA graph batch outside the profile or on a DLA engine.
         BackendUnavailableError: TensorRT missing (checked after the header) or no usable CUDA GPU.
         IncompatibleEngineError: built with another TensorRT version or for another GPU
@@ -53,34 +57,28 @@ class TensorRTEngine(Engine):
 
     def __init__(self, path: Path, device: str = "auto", *, cuda_graph_batch: int | None = None) -> None:
         path = Path(path)
-        header, plan_offset = read_engine_header(path)
-        try:
-            preprocess = PreprocessConfig.from_dict(header["preprocess"])
-            super().__init__(path, preprocess, str(header["fingerprint"]), dict(header["model"]))
-            header_bits = int(header["bits"])
-            profile = header["profile"]
-            batch_range = (int(profile["min"]), int(profile["opt"]), int(profile["max"]))
-            input_shape = [int(d) for d in header["input_shape"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FghError(f"{path}: damaged engine header (bad field {exc}); rebuild it with: "
-                           f"{header['rebuild']}") from exc
-        size = preprocess.input_size
-        if header_bits != self.bits or input_shape != [3, size, size]:
-            raise FghError(f"{path}: damaged engine header (bits / input shape disagree with the model and "
-                           f"preprocessing); rebuild it with: {header['rebuild']}")
+        shown = display_path(path)
+        check_device(device)
+        if device == "cpu":
+            raise FghError(f"{shown}: TensorRT engines run on a CUDA GPU, not 'cpu'; use the .onnx or .pt file on "
+                           f"the CPU")
+        header, plan_offset = read_engine_header(path)  # every field checked
+        # Before TensorRT sees the plan: the fingerprint below is only this plan's once the digest matched.
+        plan = read_verified_plan(path, header, plan_offset)
+        super().__init__(path, PreprocessConfig.from_dict(header["preprocess"]), header["fingerprint"],
+                         HashConfig.from_dict(header["model"], "model").to_dict())
+        profile = header["profile"]
+        batch_range = (profile["min"], profile["opt"], profile["max"])
         self.header = header
         self.precision: str = header["precision"]
         self.dla_core: int | None = header["dla_core"]
         self.profile = batch_range
-        if device not in ("auto", "cuda") and not device.startswith("cuda:"):
-            raise FghError(f"{path}: TensorRT engines run on a CUDA GPU, not {device!r}; use the .onnx or .pt "
-                           f"file on the CPU")
         if cuda_graph_batch is not None:
             if self.dla_core is not None:
-                raise FghError(f"{path}: CUDA graphs cannot capture DLA work; leave cuda_graph_batch unset "
+                raise FghError(f"{shown}: CUDA graphs cannot capture DLA work; leave cuda_graph_batch unset "
                                f"for this DLA engine")
             if not batch_range[0] <= cuda_graph_batch <= batch_range[2]:
-                raise FghError(f"{path}: cuda_graph_batch {cuda_graph_batch} is outside the engine's profile "
+                raise FghError(f"{shown}: cuda_graph_batch {cuda_graph_batch} is outside the engine's profile "
                                f"{batch_range[0]}..{batch_range[2]}")
         self.cuda_graph_batch = cuda_graph_batch
 
@@ -88,13 +86,11 @@ class TensorRTEngine(Engine):
         if not torch.cuda.is_available():
             raise BackendUnavailableError("no usable CUDA GPU for TensorRT: torch.cuda.is_available() is False")
         self.device = torch.device("cuda", torch.cuda.current_device()) if device in ("auto", "cuda") \
-            else torch.device(device)
-        if self.device.index >= torch.cuda.device_count():
-            raise FghError(f"{path}: no CUDA device {device!r} here ({torch.cuda.device_count()} visible)")
+            else resolve_device(device)
         self.gpu_name, self.compute_capability = cuda_device_info(self.device)
         check_engine_compatible(header, path=path, tensorrt_version=trt.__version__,
                                 compute_capability=self.compute_capability, gpu_name=self.gpu_name)
-        self._deserialize(trt, plan_offset)
+        self._deserialize(trt, plan)
         self._bind_io(trt)
         self._capacity = 0
         self._input: torch.Tensor | None = None
@@ -105,11 +101,8 @@ class TensorRTEngine(Engine):
         log.debug("TensorRT: loaded %s (%s, profile %s, TensorRT %s on %s)", path.name, self.precision,
                   batch_range, trt.__version__, self.gpu_name)
 
-    def _deserialize(self, trt: Any, plan_offset: int) -> None:
-        """Runtime → engine → execution context on this engine's device."""
-        with open(self.path, "rb") as f:
-            f.seek(plan_offset)
-            plan = f.read()
+    def _deserialize(self, trt: Any, plan: bytes) -> None:
+        """Runtime → engine → execution context on this engine's device, from the verified plan."""
         logger = self._logger = get_logger(trt)
         logger.errors.clear()
         with torch.cuda.device(self.device):
@@ -122,12 +115,12 @@ class TensorRTEngine(Engine):
                 self._runtime.DLA_core = int(self.dla_core)
             self._engine = self._runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
-                raise FghError(f"{self.path}: TensorRT {trt.__version__} could not deserialise the plan "
+                raise FghError(f"{self.shown_path}: TensorRT {trt.__version__} could not deserialise the plan "
                                f"({logger.last_errors() or 'no error reported'}); rebuild it with: "
                                f"{self.header['rebuild']}")
             self._context = self._engine.create_execution_context()
             if self._context is None:
-                raise FghError(f"{self.path}: TensorRT could not create an execution context "
+                raise FghError(f"{self.shown_path}: TensorRT could not create an execution context "
                                f"({logger.last_errors() or 'out of GPU memory?'})")
 
     def _bind_io(self, trt: Any) -> None:
@@ -138,20 +131,20 @@ class TensorRTEngine(Engine):
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         want_in, want_out = self.header["input"]["name"], self.header["output"]["name"]
         if inputs != [want_in] or outputs != [want_out]:
-            raise FghError(f"{self.path}: the plan's tensors (inputs {inputs}, outputs {outputs}) do not match its "
-                           f"header ({want_in!r} → {want_out!r}); rebuild it with: {self.header['rebuild']}")
+            raise FghError(f"{self.shown_path}: the plan's tensors (inputs {inputs}, outputs {outputs}) do not match "
+                           f"its header ({want_in!r} → {want_out!r}); rebuild it with: {self.header['rebuild']}")
         in_dtype = dtype_name(trt, engine.get_tensor_dtype(want_in))
         out_dtype = dtype_name(trt, engine.get_tensor_dtype(want_out))
         out_shape = tuple(engine.get_tensor_shape(want_out))
         if in_dtype != "uint8" or out_dtype not in _TORCH_DTYPES or out_shape[-1] != self.bits:
-            raise FghError(f"{self.path}: the plan takes {in_dtype} and gives {out_dtype} {out_shape}; fgh needs uint8 "
-                           f"images in and (B, {self.bits}) float codes out")
+            raise FghError(f"{self.shown_path}: the plan takes {in_dtype} and gives {out_dtype} {out_shape}; fgh "
+                           f"needs uint8 images in and (B, {self.bits}) float codes out")
         self._input_name, self._output_name = want_in, want_out
         self._output_dtype = _TORCH_DTYPES[out_dtype]
         mins, opts, maxs = engine.get_tensor_profile_shape(want_in, 0)
         plan_profile = (int(mins[0]), int(opts[0]), int(maxs[0]))
         if plan_profile != self.profile:
-            raise FghError(f"{self.path}: the plan's batch profile {plan_profile} does not match its header "
+            raise FghError(f"{self.shown_path}: the plan's batch profile {plan_profile} does not match its header "
                            f"{self.profile}; rebuild it with: {self.header['rebuild']}")
 
     def _ensure_capacity(self, batch: int) -> None:
@@ -173,12 +166,12 @@ class TensorRTEngine(Engine):
         size = self.input_size
         if not self._context.set_input_shape(self._input_name, (batch, 3, size, size)):
             low, opt, high = self.profile
-            raise FghError(f"{self.path}: a batch of {batch} is outside the engine's optimization profile "
+            raise FghError(f"{self.shown_path}: a batch of {batch} is outside the engine's optimization profile "
                            f"(min {low}, opt {opt}, max {high}); encode at least {low} images per call or rebuild "
                            f"with a smaller min batch: {self.header['rebuild']}")
         out_shape = tuple(self._context.get_tensor_shape(self._output_name))
         if out_shape != (batch, self.bits):
-            raise FghError(f"{self.path}: the engine reports output shape {out_shape} for a batch of {batch}, "
+            raise FghError(f"{self.shown_path}: the engine reports output shape {out_shape} for a batch of {batch}, "
                            f"expected {(batch, self.bits)}")
         self._shape_batch = batch
 
@@ -186,7 +179,7 @@ class TensorRTEngine(Engine):
         self._set_batch(batch)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if not self._context.execute_async_v3(stream):
-            raise FghError(f"{self.path}: TensorRT inference failed "
+            raise FghError(f"{self.shown_path}: TensorRT inference failed "
                            f"({self._logger.last_errors() or 'no error reported'})")
 
     def _replay(self, batch: int) -> None:
@@ -200,10 +193,10 @@ class TensorRTEngine(Engine):
                 with torch.cuda.graph(graph):
                     launched = self._context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
             except RuntimeError as exc:
-                raise FghError(f"{self.path}: CUDA graph capture failed ({' '.join(str(exc).split())[:200]}); "
+                raise FghError(f"{self.shown_path}: CUDA graph capture failed ({' '.join(str(exc).split())[:200]}); "
                                f"encode without cuda_graph_batch") from exc
             if not launched:
-                raise FghError(f"{self.path}: TensorRT inference failed during CUDA graph capture "
+                raise FghError(f"{self.shown_path}: TensorRT inference failed during CUDA graph capture "
                                f"({self._logger.last_errors() or 'no error reported'})")
             self._graph = graph
         # The graph replays kernels recorded for this batch size; keep the context's shape in step
@@ -233,7 +226,7 @@ class TensorRTEngine(Engine):
 
     def _encode_impl(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         if self._context is None:
-            raise FghError(f"{self.path}: the engine is closed")
+            raise FghError(f"{self.shown_path}: the engine is closed")
         batch = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         total, step = batch.shape[0], self.profile[2]
         codes = np.empty((total, self.bits), np.float32)

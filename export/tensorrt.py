@@ -20,6 +20,11 @@ File layout::
     uint32 little-endian       length N of the header
     N bytes                    UTF-8 JSON header (see HEADER_KEYS)
     the rest                   the serialized TensorRT plan
+
+The header's ``integrity_sha256`` is the sha256 of its other fields and the plan bytes
+(:func:`engine_digest`), written by :func:`write_engine` and checked by
+:func:`read_verified_plan` before the plan reaches TensorRT: a plan or header changed after the
+build is refused, so the fingerprint an engine reports belongs to the plan it runs.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ import torch
 
 from fgh_deploy import __version__ as FGH_VERSION
 from fgh_deploy.checkpoint import atomic_write
+from fgh_deploy.config import HashConfig, PreprocessConfig, parse_json_object
+from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
 
-from .onnx import INPUT_NAME, OUTPUT_NAME
+from .onnx import DIGEST_KEY, INPUT_NAME, MAX_BATCH, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ PRECISIONS = ("fp16", "fp32")
 HEADER_KEYS = (
     "fgh_version", "tensorrt_version", "api_family", "gpu_name", "compute_capability", "precision",
     "dla_core", "profile", "input", "output", "input_shape", "onnx_sha256", "bits", "preprocess",
-    "model", "fingerprint", "checkpoint", "rebuild",
+    "model", "fingerprint", "checkpoint", "rebuild", DIGEST_KEY,
 )
 #: The fields :func:`build_engine` takes from its caller; it measures the others itself.
 CALLER_HEADER_KEYS = ("bits", "preprocess", "model", "fingerprint", "checkpoint", "rebuild")
@@ -159,14 +166,16 @@ def write_engine(path: str | os.PathLike, header: dict[str, Any], plan: bytes | 
 
     Args:
         path: destination (conventionally named by :func:`engine_file_name`).
-        header: JSON-serialisable dict (see ``HEADER_KEYS``).
+        header: JSON-serialisable dict (see ``HEADER_KEYS``); its ``integrity_sha256`` is
+            computed here (:func:`engine_digest`).
         plan: the serialized TensorRT plan (bytes, or any buffer such as TensorRT's IHostMemory).
 
     Returns:
         The path written.
     """
     path = Path(path)
-    blob = json.dumps(header, sort_keys=True).encode("utf-8")
+    sealed = {**header, DIGEST_KEY: engine_digest(header, plan)}
+    blob = json.dumps(sealed, sort_keys=True).encode("utf-8")
 
     def write(f: Any) -> None:
         f.write(MAGIC)
@@ -178,53 +187,122 @@ def write_engine(path: str | os.PathLike, header: dict[str, Any], plan: bytes | 
     return path
 
 
+def engine_digest(header: dict[str, Any], plan: bytes | memoryview) -> str:
+    """sha256 over the header's fields (all but ``integrity_sha256``, as sorted JSON) and the plan bytes."""
+    digest = hashlib.sha256()
+    fields = {key: value for key, value in header.items() if key != DIGEST_KEY}
+    digest.update(json.dumps(fields, sort_keys=True).encode("utf-8"))
+    digest.update(plan)
+    return digest.hexdigest()
+
+
 def read_engine_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """The header of an fgh engine file and the byte offset where its plan starts.
 
-    Reads only the header, never the plan.
+    Reads only the header, never the plan; every field is checked (types and bounds, see
+    :func:`_check_header`), so callers may use them as they are.
 
     Raises:
-        FghError: missing file, no fgh magic (e.g. a raw trtexec plan), truncated or non-JSON
-            header, missing fields, or no plan after the header; the message names the file.
+        FghError: missing file, no fgh magic (e.g. a raw trtexec plan), truncated, non-JSON or
+            implausibly nested header, missing or bad fields, or no plan after the header; the
+            message names the file.
     """
     path = Path(path)
+    shown = display_path(path)
     rebuild_hint = "rebuild it with `fgh export CHECKPOINT --trt`"
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             magic = f.read(len(MAGIC))
             if not magic:
-                raise FghError(f"{path}: empty file, not a TensorRT engine; {rebuild_hint}")
+                raise FghError(f"{shown}: empty file, not a TensorRT engine; {rebuild_hint}")
             if magic != MAGIC:
-                raise FghError(f"{path}: not an fgh TensorRT engine: it lacks fgh's header (a raw plan, e.g. "
+                raise FghError(f"{shown}: not an fgh TensorRT engine: it lacks fgh's header (a raw plan, e.g. "
                                f"from trtexec, carries no model metadata); {rebuild_hint}")
             length_bytes = f.read(_LENGTH.size)
             if len(length_bytes) < _LENGTH.size:
-                raise FghError(f"{path}: truncated engine file (header length cut off); {rebuild_hint}")
+                raise FghError(f"{shown}: truncated engine file (header length cut off); {rebuild_hint}")
             (length,) = _LENGTH.unpack(length_bytes)
             if length > MAX_HEADER_BYTES:
-                raise FghError(f"{path}: damaged engine header (length {length} bytes is implausible); "
+                raise FghError(f"{shown}: damaged engine header (length {length} bytes is implausible); "
                                f"{rebuild_hint}")
             blob = f.read(length)
     except OSError as exc:
-        raise FghError(f"{path}: cannot read engine file ({exc.strerror or exc})") from exc
+        raise FghError(f"{shown}: cannot read engine file ({terminal_safe(exc.strerror or str(exc))})") from exc
     if len(blob) < length:
-        raise FghError(f"{path}: truncated engine file (header has {len(blob)} of {length} bytes); {rebuild_hint}")
+        raise FghError(f"{shown}: truncated engine file (header has {len(blob)} of {length} bytes); {rebuild_hint}")
     try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FghError(f"{path}: damaged engine header (not valid UTF-8 JSON: {exc}); {rebuild_hint}") from exc
-    if not isinstance(header, dict):
-        raise FghError(f"{path}: damaged engine header (a JSON {type(header).__name__}, not an object); "
-                       f"{rebuild_hint}")
+        header = parse_json_object(blob, "it")
+    except FghError as exc:
+        raise FghError(f"{shown}: damaged engine header ({exc}); {rebuild_hint}") from None
     missing = [key for key in HEADER_KEYS if key not in header]
+    if missing == [DIGEST_KEY]:
+        raise FghError(f"{shown}: built by an older fgh, without a plan digest; {rebuild_hint}")
     if missing:
-        raise FghError(f"{path}: damaged engine header (missing {', '.join(missing)}); {rebuild_hint}")
+        raise FghError(f"{shown}: damaged engine header (missing {', '.join(missing)}); {rebuild_hint}")
+    try:
+        _check_header(header)
+    except FghError as exc:
+        raise FghError(f"{shown}: damaged engine header ({exc}); {rebuild_hint}") from None
     offset = len(MAGIC) + _LENGTH.size + length
     if size <= offset:
-        raise FghError(f"{path}: truncated engine file (no TensorRT plan after the header); "
+        raise FghError(f"{shown}: truncated engine file (no TensorRT plan after the header); "
                        f"rebuild it with: {header['rebuild']}")
     return header, offset
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """Every header field has the type and range fgh writes; raises FghError naming the first that has not.
+
+    ``rebuild`` is made terminal-safe in place: it is shown in every later message.
+    """
+    for key in ("fgh_version", "tensorrt_version", "gpu_name", "compute_capability", "fingerprint", "checkpoint",
+                "rebuild", "onnx_sha256", DIGEST_KEY):
+        if not isinstance(header[key], str) or not header[key]:
+            raise FghError(f"bad {key}: expected a non-empty string")
+    header["rebuild"] = terminal_safe(header["rebuild"])
+    if header["precision"] not in PRECISIONS:
+        raise FghError(f"bad precision: expected one of {', '.join(PRECISIONS)}")
+    if header["api_family"] not in (10, 11):
+        raise FghError("bad api_family: expected 10 or 11")
+    dla_core = header["dla_core"]
+    if dla_core is not None and (type(dla_core) is not int or not 0 <= dla_core < 16):
+        raise FghError("bad dla_core: expected null or a core number")
+    profile = header["profile"]
+    batches = [profile.get(key) for key in ("min", "opt", "max")] if isinstance(profile, dict) else []
+    if (len(batches) != 3 or not all(type(b) is int for b in batches)
+            or not 1 <= batches[0] <= batches[1] <= batches[2] <= MAX_BATCH):
+        raise FghError(f"bad profile: expected min, opt and max batch with 1 <= min <= opt <= max <= {MAX_BATCH}")
+    for key in ("input", "output"):
+        if not isinstance(header[key], dict) or not isinstance(header[key].get("name"), str):
+            raise FghError(f"bad {key}: expected an object with a tensor name")
+    model = HashConfig.from_dict(header["model"], "model")
+    preprocess = PreprocessConfig.from_dict(header["preprocess"])
+    size = preprocess.input_size
+    if header["bits"] != model.bits or header["input_shape"] != [3, size, size]:
+        raise FghError("bits / input_shape disagree with the model and preprocessing")
+
+
+def read_verified_plan(path: str | os.PathLike, header: dict[str, Any], offset: int) -> bytes:
+    """The plan bytes of an engine file, once they and the header match the header's ``integrity_sha256``.
+
+    Call before the plan reaches TensorRT: a plan is executable code, and a changed one (or a
+    header edited to claim another model's fingerprint) must not run under the recorded identity.
+
+    Raises:
+        FghError: unreadable file, or a digest mismatch (with the rebuild command).
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            plan = f.read()
+    except OSError as exc:
+        raise FghError(f"{display_path(path)}: cannot read engine file "
+                       f"({terminal_safe(exc.strerror or str(exc))})") from exc
+    if engine_digest(header, plan) != header[DIGEST_KEY]:
+        raise FghError(f"{display_path(path)}: the plan or its header does not match the recorded digest "
+                       f"(modified after the build?); rebuild it with: {header['rebuild']}")
+    return plan
 
 
 def check_engine_compatible(header: dict[str, Any], *, path: str | os.PathLike, tensorrt_version: str,
@@ -250,7 +328,8 @@ def check_engine_compatible(header: dict[str, Any], *, path: str | os.PathLike, 
     if built_version == tensorrt_version and built_cc == compute_capability:
         return
     raise IncompatibleEngineError(
-        f"{path}: built with TensorRT {built_version} for {header['gpu_name']} (sm {built_cc}); "
+        f"{display_path(path)}: built with TensorRT {terminal_safe(built_version)} for "
+        f"{terminal_safe(str(header['gpu_name']))} (sm {terminal_safe(built_cc)}); "
         f"this machine has TensorRT {tensorrt_version} and {gpu_name} (sm {compute_capability}) "
         f"— rebuild it with: {header['rebuild']}")
 
@@ -368,6 +447,7 @@ def _parse_onnx(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path) -> 
     Raises:
         FghError: with every parser error, or when the graph is not fgh's uint8-images → codes.
     """
+    shown = display_path(onnx_path)
     # 0 flags on both families. 10.x: networks are always explicit-batch (the EXPLICIT_BATCH enum
     # is a deprecated no-op there and gone in 11.x) and weakly typed; 11.x: always strongly typed.
     network = builder.create_network(0)
@@ -375,18 +455,18 @@ def _parse_onnx(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path) -> 
     logger.errors.clear()
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise FghError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse it: "
+        raise FghError(f"{shown}: TensorRT {trt.__version__} cannot parse it: "
                        f"{errors or logger.last_errors() or 'no error reported'}")
     if network.num_inputs != 1 or network.num_outputs != 1:
-        raise FghError(f"{onnx_path}: expected one input and one output, found {network.num_inputs} and "
+        raise FghError(f"{shown}: expected one input and one output, found {network.num_inputs} and "
                        f"{network.num_outputs}; export it with fgh export")
     inp, out = network.get_input(0), network.get_output(0)
     in_shape, out_shape = tuple(inp.shape), tuple(out.shape)
     if inp.name != INPUT_NAME or out.name != OUTPUT_NAME or len(in_shape) != 4 or len(out_shape) != 2:
-        raise FghError(f"{onnx_path}: expected input {INPUT_NAME!r} (B, 3, S, S) and output {OUTPUT_NAME!r} "
+        raise FghError(f"{shown}: expected input {INPUT_NAME!r} (B, 3, S, S) and output {OUTPUT_NAME!r} "
                        f"(B, bits), found {inp.name!r} {in_shape} and {out.name!r} {out_shape}")
     if dtype_name(trt, inp.dtype) != "uint8":
-        raise FghError(f"{onnx_path}: input {inp.name!r} is {dtype_name(trt, inp.dtype)}, expected uint8")
+        raise FghError(f"{shown}: input {inp.name!r} is {dtype_name(trt, inp.dtype)}, expected uint8")
     return network, parser
 
 
@@ -448,6 +528,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         ValueError: invalid arguments, or ``header`` lacking a caller field.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    shown = display_path(onnx_path)
     min_b, opt_b, max_b = batch
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -463,17 +544,17 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     if missing:
         raise ValueError(f"header lacks {', '.join(missing)}")
     if not onnx_path.is_file():
-        raise FghError(f"{onnx_path}: no such ONNX file")
+        raise FghError(f"{shown}: no such ONNX file")
 
     trt = import_tensorrt()
     family = api_family(trt)
     onnx_precision = onnx_float_precision(onnx_path)
     if family == 11 and onnx_precision != precision:
-        raise FghError(f"{onnx_path}: is an {onnx_precision.upper()} ONNX but a {precision.upper()} engine was asked "
+        raise FghError(f"{shown}: is an {onnx_precision.upper()} ONNX but a {precision.upper()} engine was asked "
                        f"for; TensorRT {trt.__version__} builds strongly typed networks, whose precision is the "
                        f"ONNX file's: pass the {precision.upper()} ONNX")
     if family == 10 and onnx_precision != "fp32":
-        raise FghError(f"{onnx_path}: is an FP16 ONNX; TensorRT {trt.__version__} lowers precision itself "
+        raise FghError(f"{shown}: is an FP16 ONNX; TensorRT {trt.__version__} lowers precision itself "
                        f"(FP16 builder flag): pass the FP32 ONNX")
 
     if not torch.cuda.is_available():
@@ -498,9 +579,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     sample = tuple(int(d) for d in in_shape[1:])
     size = int(header["preprocess"]["input_size"])
     if sample != (3, size, size):
-        raise FghError(f"{onnx_path}: input shape {sample} does not match the preprocessing (3, {size}, {size})")
+        raise FghError(f"{shown}: input shape {sample} does not match the preprocessing (3, {size}, {size})")
     if out_shape[1] != int(header["bits"]):
-        raise FghError(f"{onnx_path}: outputs {out_shape[1]} bits, the header says {header['bits']}")
+        raise FghError(f"{shown}: outputs {out_shape[1]} bits, the header says {header['bits']}")
     log(f"TensorRT: input {inp.name!r} {dtype_name(trt, inp.dtype)} {in_shape}, "
         f"output {out.name!r} {dtype_name(trt, out.dtype)} {out_shape}")
 
@@ -545,7 +626,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     logger.errors.clear()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise FghError(f"{onnx_path}: TensorRT {trt.__version__} could not build the engine: "
+        raise FghError(f"{shown}: TensorRT {trt.__version__} could not build the engine: "
                        f"{logger.last_errors() or 'no error reported'}")
     elapsed = time.perf_counter() - start
 

@@ -25,7 +25,8 @@ import fgh_deploy as fgh
 from engines.trt_engine import TensorRTEngine
 from export.onnx import export_onnx
 from export.tensorrt import (HEADER_KEYS, INSTALL_HINT, MAGIC, api_family_for, build_engine, check_engine_compatible,
-                             engine_file_name, onnx_float_precision, read_engine_header, write_engine)
+                             engine_digest, engine_file_name, onnx_float_precision, read_engine_header,
+                             read_verified_plan, write_engine)
 from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
 
 REBUILD = "fgh export semicon48.pt --trt --precision fp16 --batch 1,16,64"
@@ -64,8 +65,9 @@ def _header(**overrides: Any) -> dict[str, Any]:
 def test_header_round_trip(tmp_path: Path) -> None:
     path = write_engine(tmp_path / "m.engine", _header(), b"PLAN-BYTES")
     header, offset = read_engine_header(path)
-    assert header == _header()
+    assert header == {**_header(), "integrity_sha256": engine_digest(_header(), b"PLAN-BYTES")}
     assert set(HEADER_KEYS) <= set(header)
+    assert read_verified_plan(path, header, offset) == b"PLAN-BYTES"
     data = path.read_bytes()
     assert data.startswith(MAGIC)
     assert data[offset:] == b"PLAN-BYTES"
@@ -88,7 +90,8 @@ def test_raw_plan_without_fgh_header_is_refused(tmp_path: Path) -> None:
     (MAGIC + b"\x10\x00", "header length cut off"),
     (MAGIC + (1000).to_bytes(4, "little") + b'{"fgh_version": "0.1', "header has 20 of 1000 bytes"),
     (MAGIC + (0xFFFFFFFF).to_bytes(4, "little"), "implausible"),
-    (MAGIC + (9).to_bytes(4, "little") + b"{not json" + b"PLAN", "not valid UTF-8 JSON"),
+    (MAGIC + (9).to_bytes(4, "little") + b"{not json" + b"PLAN", "it is not valid JSON"),
+    (MAGIC + (2).to_bytes(4, "little") + b"\xff}" + b"PLAN", "it is not UTF-8"),
     (MAGIC + (2).to_bytes(4, "little") + b"[]" + b"PLAN", "a JSON list, not an object"),
     (MAGIC + (2).to_bytes(4, "little") + b"{}" + b"PLAN", "missing fgh_version"),
 ])
