@@ -18,10 +18,11 @@ import torch
 
 from fgh_deploy.backbones import file_sha256
 from fgh_deploy.checkpoint import load_checkpoint
+from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError
 
 from .calibration import calibration_images
-from .onnx import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, HalfPrecisionModel, export_onnx
+from .onnx import INPUT_NAME, MAX_BATCH, ONNX_OPSET, OUTPUT_NAME, HalfPrecisionModel, export_onnx
 from .parity import DEFAULT_MIN_AGREEMENT, ParityReport, compare_codes
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _onnx_stage(model: torch.nn.Module, path: Path, metadata: dict[str, Any], la
              torch.__version__.split("+")[0], onnx.__version__, ONNX_OPSET)
     export_onnx(model, path, metadata=metadata)
     log.info("%s: export success %.1fs, checker passed, saved as '%s' (%s)", label, time.perf_counter() - tick,
-             path, _mb(path))
+             display_path(path), _mb(path))
     return path
 
 
@@ -127,16 +128,24 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
+    if trt and batch[2] > MAX_BATCH:
+        raise FghError(f"--batch: MAX is at most {MAX_BATCH}, got {batch[2]}")
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model("cpu")
     out = Path(out_dir) if out_dir else checkpoint.parent
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise FghError(f"{display_path(out)}: --out-dir names a file, not a directory; nothing was written")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FghError(f"{display_path(out)}: cannot create --out-dir ({terminal_safe(exc.strerror or str(exc))})") \
+            from None
     stem = checkpoint.stem
     size, bits = ckpt.preprocess.input_size, ckpt.config.bits
     result = ExportResult(checkpoint)
     log.info("PyTorch: starting from '%s' (%s %d bits, %s) with input shape (B, 3, %d, %d) uint8 and output "
-             "shape (B, %d) float32 (%s)", checkpoint, ckpt.config.model, bits, ckpt.config.backbone, size, size,
-             bits, _mb(checkpoint))
+             "shape (B, %d) float32 (%s)", display_path(checkpoint), ckpt.config.model, bits, ckpt.config.backbone,
+             size, size, bits, _mb(checkpoint))
     images, source = calibration_images(calib, ckpt.preprocess, calib_count)
     with torch.no_grad():
         reference = model(images).numpy()
@@ -171,9 +180,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
         f"fgh eval {shlex.quote(str(checkpoint))}",
     ]
     verdict = "FAILED parity" if not result.passed else ("incomplete" if result.skipped else "complete")
-    log.info("Export %s (%.1fs), results saved to %s", verdict, result.seconds, out)
+    log.info("Export %s (%.1fs), results saved to %s", verdict, result.seconds, display_path(out))
     for command in result.next_commands:
-        log.info("  %s", command)
+        log.info("  %s", terminal_safe(command))
     return result
 
 
@@ -203,8 +212,8 @@ def _trt_stage(ckpt, checkpoint: Path, onnx_fp32: Path, onnx_for_engine: Path, o
                  optimization_level=optimization_level, dla_core=dla_core,
                  timing_cache=Path(timing_cache) if timing_cache else out / f"{stem}.timing.cache",
                  header=header, log=lambda line: log.info("%s", line))
-    log.info("TensorRT: export success %.1fs, saved as '%s' (%s)", time.perf_counter() - tick, engine_path,
-             _mb(engine_path))
+    log.info("TensorRT: export success %.1fs, saved as '%s' (%s)", time.perf_counter() - tick,
+             display_path(engine_path), _mb(engine_path))
     with TensorRTEngine(engine_path) as engine:
         codes = engine.encode(images)
     report = compare_codes(reference, codes, name=f"TensorRT {precision.upper()} vs PyTorch ({source})",
