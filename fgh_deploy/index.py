@@ -290,7 +290,7 @@ class CodeIndex:
     def _create_replacement(cls, path: Path, manifest: dict[str, Any]) -> CodeIndex:
         """An empty index in ``.<name>.fgh-rebuild`` that :meth:`publish` moves to ``path``."""
         names = os.listdir(path)
-        foreign = sorted(n for n in names if not _INDEX_ENTRY.fullmatch(n))
+        foreign = sorted(n for n in names if not _INDEX_ENTRY.fullmatch(n) or os.path.isdir(path / n))
         if foreign:
             # The replacement takes the folder's place: anything else in it would vanish with the old index.
             raise FghError(
@@ -654,17 +654,18 @@ class CodeIndex:
             return
         target, old_lock = self._replaces
         staging = self._path
+        real = Path(os.path.realpath(target))  # a linked folder is replaced where it points
         replaced = _sibling(target, _REPLACED_SUFFIX)
         try:
-            os.rename(target, replaced)
+            os.rename(real, replaced)
         except OSError as exc:
             raise FghError(f"{display_path(target)}: cannot move the old index aside ({exc.strerror})") from None
         try:
-            os.rename(staging, target)
+            os.rename(staging, real)
         except OSError as exc:
-            os.rename(replaced, target)
+            os.rename(replaced, real)
             raise FghError(f"{display_path(target)}: cannot move the new index in place ({exc.strerror})") from None
-        _fsync_dir(target.parent)
+        _fsync_dir(real.parent)
         self._path = target
         self._replaces = None
         old_lock.close()
