@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -179,8 +180,65 @@ def test_root_is_a_file(tmp_path: Path) -> None:
 
 
 def test_unknown_layout(tmp_path: Path) -> None:
-    _jpeg(tmp_path / "alpha" / "0.jpg", seed=0)
-    _one_line_error(tmp_path, str(tmp_path), "splits.tsv", "CUB-200-2011", "train/ and test/")
+    _jpeg(tmp_path / "0.jpg", seed=0)  # images, but none in a class folder
+    _one_line_error(tmp_path, str(tmp_path), "unrecognised dataset layout", "splits.tsv", "CUB-200-2011",
+                    "train/ and test/", "one subfolder of images per class")
+
+
+def _class_folders(root: Path, sizes: dict[str, int]) -> None:
+    for c, (name, count) in enumerate(sizes.items()):
+        for k in range(count):
+            _jpeg(root / name / f"{k:02d}.jpg", seed=100 * c + k, size=(8, 8))
+
+
+def test_class_folders_are_split_per_class_by_seed(tmp_path: Path) -> None:
+    _class_folders(tmp_path, {"beta": 10, "alpha": 5, "gamma": 2, "solo": 1})
+    _jpeg(tmp_path / "loose.jpg", seed=0)  # outside any class folder: ignored
+    dataset = load_dataset(tmp_path, split_seed=3, query_fraction=0.2)
+    assert dataset.layout == "class folders"
+    assert dataset.classes == ["alpha", "beta", "gamma", "solo"]
+    # round(0.2 n), at least one query, at least one database image; a single image stays in the database.
+    assert Counter(dataset.classes[s.label] for s in dataset.query) == {"beta": 2, "alpha": 1, "gamma": 1}
+    assert Counter(dataset.classes[s.label] for s in dataset.database) == {"beta": 8, "alpha": 4, "gamma": 1, "solo": 1}
+    assert load_dataset(tmp_path, split_seed=3, query_fraction=0.2) == dataset
+    assert {s.relpath for s in load_dataset(tmp_path, split_seed=4).query} != {s.relpath for s in dataset.query}
+
+
+def test_class_folder_split_round_trips_through_splits_tsv(tmp_path: Path) -> None:
+    from train.data import splits_tsv
+
+    _class_folders(tmp_path / "data", {"a": 4, "b": 4})
+    drawn = load_dataset(tmp_path / "data", split_seed=1, query_fraction=0.5)
+    written = tmp_path / "run" / "splits.tsv"
+    written.parent.mkdir()
+    written.write_text(splits_tsv(drawn), encoding="utf-8")
+    assert written.read_text().splitlines()[0] == "relative_path\tclass\tsplit"
+    read = load_dataset(tmp_path / "data", splits=written)
+    assert (read.root, read.classes, read.database, read.query) == (drawn.root, drawn.classes, drawn.database,
+                                                                     drawn.query)
+    written.unlink()
+    _one_line_error_with(lambda: load_dataset(tmp_path / "data", splits=written), str(written), "missing")
+
+
+def _one_line_error_with(call, *needles: str) -> None:
+    with pytest.raises(FghError) as info:
+        call()
+    assert "\n" not in str(info.value)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("relpath", ["a/tab\there.jpg", "a/line\nbreak.jpg", "a/next\x85line.jpg",
+                                     "a/" + os.fsdecode(b"\xff.jpg"), "spaced /0.jpg"])
+def test_class_folder_names_a_splits_tsv_cannot_hold_are_refused(tmp_path: Path, relpath: str) -> None:
+    _class_folders(tmp_path, {"a": 2, "b": 2})
+    _jpeg(tmp_path / relpath, seed=9)
+    _one_line_error(tmp_path, "cannot be written to a splits.tsv; rename it")
+
+
+def test_a_single_class_folder_is_not_a_hashing_dataset(tmp_path: Path) -> None:
+    _class_folders(tmp_path, {"alpha": 3})
+    _one_line_error(tmp_path, "needs at least 2 classes, found 1")
 
 
 def test_train_without_test(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Training data: find a dataset's database/query splits on disk and serve labelled images.
 
-Three on-disk layouts are recognised by :func:`load_dataset`, tried in this order:
+Four on-disk layouts are recognised by :func:`load_dataset`, tried in this order:
 
 1. ``splits.tsv`` at the root: ``relative_path<TAB>class<TAB>database|query`` per line
    (the format of the prepared ``cub100`` data).
@@ -8,6 +8,9 @@ Three on-disk layouts are recognised by :func:`load_dataset`, tried in this orde
    ``train_test_split.txt`` (and optionally ``classes.txt``) with the images under
    ``images/``; the root may also be the folder that contains ``CUB_200_2011/``.
 3. ``train/`` and ``test/`` folders in ImageFolder layout (one subfolder per class).
+4. Class folders (``root/<class>/*.jpg``) without a split: a seeded, stratified split is drawn
+   (:func:`hold_out_validation`); :func:`splits_tsv` writes it down in the format of layout 1,
+   and ``load_dataset(root, splits=that_file)`` reads it back.
 
 Following the fine-grained hashing protocol, the *database* is the training split and the
 *query* set is the test split. :func:`hold_out_validation` carves a validation set out of
@@ -42,6 +45,7 @@ from fgh_deploy.display import display_path
 from fgh_deploy.images import _interpolation, decode_image, list_images, load_image
 
 __all__ = [
+    "CLASS_FOLDERS",
     "LAYOUTS",
     "HashingDataset",
     "LabeledImageDataset",
@@ -49,14 +53,17 @@ __all__ = [
     "hold_out_validation",
     "load_dataset",
     "one_hot",
+    "splits_tsv",
 ]
 
 StrPath = Union[str, os.PathLike[str]]
 
 logger = logging.getLogger(__name__)
 
+#: The layout of a class-folder tree whose split :func:`load_dataset` drew.
+CLASS_FOLDERS = "class folders"
 #: Layout names, in detection order (the value of :attr:`HashingDataset.layout`).
-LAYOUTS: tuple[str, ...] = ("splits.tsv", "cub200", "train-test folders")
+LAYOUTS: tuple[str, ...] = ("splits.tsv", "cub200", "train-test folders", CLASS_FOLDERS)
 
 _SPLITS = ("database", "query")
 _SPLITS_HEADER = ("relative_path", "class", "split")
@@ -107,7 +114,8 @@ class HashingDataset:
         }
 
 
-def load_dataset(root: StrPath) -> HashingDataset:
+def load_dataset(root: StrPath, *, splits: StrPath | None = None, split_seed: int = 0,
+                 query_fraction: float = 0.2) -> HashingDataset:
     """Find and validate the dataset under ``root``, detecting its layout.
 
     The layouts are tried in the order of :data:`LAYOUTS` (see the module docstring). Every
@@ -116,6 +124,11 @@ def load_dataset(root: StrPath) -> HashingDataset:
 
     Args:
         root: the dataset folder.
+        splits: a file in the splits.tsv format, paths relative to ``root``, to use instead of
+            detecting a layout (the split a run drew from a class-folder tree).
+        split_seed: seed of the split drawn from a class-folder tree.
+        query_fraction: the share of each class such a split makes queries (a class of two or
+            more images gives at least one, and keeps at least one in the database).
 
     Returns:
         The dataset, with classes sorted by name and labels indexing them.
@@ -132,9 +145,14 @@ def load_dataset(root: StrPath) -> HashingDataset:
         raise FghError(f"{display_path(root)}: not a directory")
 
     # `source` is the file the dataset-level errors below are reported against.
-    if (root / "splits.tsv").is_file():
+    if splits is not None:
+        source = Path(os.fspath(splits))
+        if not source.is_file():
+            raise FghError(f"{display_path(source)}: the split file of {display_path(root)} is missing")
+        dataset = _load_splits_tsv(root, source)
+    elif (root / "splits.tsv").is_file():
         source = root / "splits.tsv"
-        dataset = _load_splits_tsv(root)
+        dataset = _load_splits_tsv(root, source)
     elif (cub_root := _find_cub_root(root)) is not None:
         source = cub_root / "images.txt"
         dataset = _load_cub(cub_root)
@@ -145,12 +163,8 @@ def load_dataset(root: StrPath) -> HashingDataset:
         for present, absent in (("train", "test"), ("test", "train")):
             if (root / present).is_dir():
                 raise FghError(f"{display_path(root)}: has a {present}/ folder but no {absent}/ folder")
-        raise FghError(
-            f"{display_path(root)}: unrecognised dataset layout; expected one of: "
-            "splits.tsv (relative_path<TAB>class<TAB>database|query), "
-            "CUB-200-2011 (images.txt, image_class_labels.txt, train_test_split.txt, images/), "
-            "or train/ and test/ folders with one subfolder per class"
-        )
+        source = root
+        dataset = _split_class_folders(root, split_seed, query_fraction)
     _check_dataset(dataset, source)
     return dataset
 
@@ -219,8 +233,7 @@ def _check_dataset(dataset: HashingDataset, source: Path) -> None:
 # --- splits.tsv ---------------------------------------------------------------------------
 
 
-def _load_splits_tsv(root: Path) -> HashingDataset:
-    tsv = root / "splits.tsv"
+def _load_splits_tsv(root: Path, tsv: Path) -> HashingDataset:
     entries: dict[str, list[tuple[str, str]]] = {split: [] for split in _SPLITS}
     first_line: dict[str, int] = {}
     seen_content = False
@@ -386,6 +399,62 @@ def _load_train_test_folders(root: Path) -> HashingDataset:
         if outside:
             logger.warning("%s: %d images outside any class folder ignored", display_path(root / folder), outside)
     return _build(root, "train-test folders", entries)
+
+
+# --- class folders -----------------------------------------------------------------------
+
+
+def _class_folder_entries(root: Path) -> list[tuple[str, str]]:
+    """``(relpath, class)`` of the images in the subfolders of ``root``, by path."""
+    entries, outside = [], 0
+    for relpath in list_images(root):
+        name, sep, _ = relpath.partition("/")
+        if not sep:
+            outside += 1  # an image outside a class folder has no label
+            continue
+        if not _recordable(relpath):
+            raise FghError(f"{display_path(root / relpath)}: a name with a tab, line break, surrounding space or "
+                           f"undecodable byte cannot be written to a splits.tsv; rename it")
+        entries.append((relpath, name))
+    if not entries:
+        raise FghError(
+            f"{display_path(root)}: unrecognised dataset layout; expected one of: "
+            "splits.tsv (relative_path<TAB>class<TAB>database|query), "
+            "CUB-200-2011 (images.txt, image_class_labels.txt, train_test_split.txt, images/), "
+            "train/ and test/ folders with one subfolder per class, "
+            "or one subfolder of images per class"
+        )
+    if outside:
+        logger.warning("%s: %d images outside any class folder ignored", display_path(root), outside)
+    return sorted(entries)
+
+
+def _recordable(relpath: str) -> bool:
+    """Whether ``relpath`` and its class survive a round trip through a splits.tsv line."""
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the file name, kept as surrogates
+        return False
+    fields = (relpath, relpath.partition("/")[0])
+    return all("\t" not in text and text.splitlines() == [text] and text == text.strip() for text in fields)
+
+
+def _split_class_folders(root: Path, seed: int, query_fraction: float) -> HashingDataset:
+    """A class-folder tree split per class into database and query (see :func:`hold_out_validation`)."""
+    entries = _class_folder_entries(root)
+    classes = sorted({name for _, name in entries})
+    index = {name: label for label, name in enumerate(classes)}
+    database, query = hold_out_validation([Sample(rel, index[name]) for rel, name in entries],
+                                          query_fraction, seed=seed)
+    return HashingDataset(root=root, layout=CLASS_FOLDERS, classes=classes, database=database, query=query)
+
+
+def splits_tsv(dataset: HashingDataset) -> str:
+    """The dataset's split in the splits.tsv format (header, then database, then query lines)."""
+    lines = ["\t".join(_SPLITS_HEADER)]
+    for split in _SPLITS:
+        lines += [f"{sample.relpath}\t{dataset.classes[sample.label]}\t{split}" for sample in getattr(dataset, split)]
+    return "\n".join(lines) + "\n"
 
 
 # --- validation hold-out ------------------------------------------------------------------
