@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fgh_deploy.checkpoint import load_checkpoint
+from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel
 
@@ -53,7 +54,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
 
     Args:
         checkpoint: a ``.pt`` from ``fgh train`` (or any fgh checkpoint: then deploy protocol only).
-        data: dataset root (default: the one the checkpoint was trained on).
+        data: dataset root (default: the one the checkpoint was trained on). On the training
+            data, a run that drew its split from a class-folder tree is evaluated on that split
+            (the run's ``splits.tsv``, next to the checkpoint).
         topks: cut-offs for mAP@k / precision@k.
         radius: Hamming radius for precision within radius.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -66,15 +69,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         and with ``baselines`` a ``baselines`` dict (``lsh``, ``itq``, ``cosine``).
     """
     ckpt = load_checkpoint(checkpoint)
-    train_config = ckpt.extra.get("train_config") or {}
-    data = data or train_config.get("data")
-    if not data:
-        raise FghError(f"{checkpoint}: does not record its dataset; pass --data")
-    dataset: HashingDataset = load_dataset(data)
+    train_config = ckpt.extra.get("train_config")
+    train_config = train_config if isinstance(train_config, dict) else {}
+    recorded = train_config.get("data")
+    data = data or recorded
+    if not data or not isinstance(data, (str, os.PathLike)):
+        raise FghError(f"{display_path(checkpoint)}: does not record its dataset; pass --data")
+    dataset: HashingDataset = load_dataset(data, splits=_run_splits(checkpoint, train_config, data))
     classes = ckpt.extra.get("classes")
     if classes is not None and list(classes) != dataset.classes:
-        raise FghError(f"{checkpoint}: trained on {len(classes)} classes that differ from the "
-                       f"{len(dataset.classes)} classes of {data}")
+        raise FghError(f"{display_path(checkpoint)}: trained on {len(classes)} classes that differ from the "
+                       f"{len(dataset.classes)} classes of {display_path(data)}")
     resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                             ("cpu" if device == "auto" else device))
     model = ckpt.build_model(resolved)
@@ -91,8 +96,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         paths = ckpt.extra.get("database_paths", [])
         missing = [p for p in paths if p not in row_of]
         if missing:
-            raise FghError(f"{checkpoint}: {len(missing)} learned database images are not in {data} "
-                           f"(e.g. {missing[0]})")
+            raise FghError(f"{display_path(checkpoint)}: {len(missing)} learned database images are not in "
+                           f"{display_path(data)} (e.g. {display_path(missing[0])})")
         rows = torch.tensor([row_of[p] for p in paths], dtype=torch.long)
         asymmetric_db[rows] = learned.float()
         protocols["asymmetric"] = {
@@ -126,3 +131,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
                                  ckpt.config.bits, topks=tuple(topks), radius=radius),
         }
     return report
+
+
+def _run_splits(checkpoint: str | os.PathLike, train_config: dict[str, Any], data: str | os.PathLike) -> Path | None:
+    """The split file of the checkpoint's run when ``data`` is its training data and it drew one."""
+    splits, recorded = train_config.get("splits"), train_config.get("data")
+    if not isinstance(splits, str) or not isinstance(recorded, str):
+        return None
+    if Path(data).resolve() != Path(recorded).resolve():
+        return None
+    path = Path(checkpoint).parent / splits  # a relative split file is in the run directory
+    if not path.is_file():
+        raise FghError(f"{display_path(checkpoint)}: its run's split {display_path(path)} is missing; keep the "
+                       f"checkpoint in its run directory (or copy {splits} next to it)")
+    return path

@@ -17,11 +17,17 @@ the public code, on purpose:
   training (NCCL on GPUs, gloo on CPU).
 
 Outputs in ``out/``: ``last.pt`` (model + full training state, written after every iteration),
-``best.pt``, ``metrics.jsonl`` (one line per iteration) and ``config.json``.
+``best.pt``, ``metrics.jsonl`` (one line per iteration) and ``config.json``; on a plain class-folder
+tree also ``splits.tsv``, the database/query split drawn for the run (eval and resume read it).
+
+A resumed run continues in ``out`` (see :func:`train.config.resume_config`) and may run more
+iterations than first planned; the iteration A²-Net's auxiliary losses start at stays where the
+run first put it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,13 +43,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from engines.torch_engine import resolve_device
 from fgh_deploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel, build_model
 from fgh_deploy.models._base import HASH, NEW, PRETRAINED
 
-from .config import TrainConfig
-from .data import HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset, one_hot
+from .config import CONFIG_FILE, TrainConfig
+from .data import (CLASS_FOLDERS, HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset,
+                   one_hot, splits_tsv)
 from .dcc import sign_plus, update_database_codes
 from .evaluate import encode_samples
 from .losses import soft_similarity, training_losses, wanted_outputs
@@ -52,7 +61,7 @@ from .trunk_cache import TrunkCache, build_trunk_cache, bytes_per_map, views_tha
 
 log = logging.getLogger(__name__)
 
-LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.json"
+LAST, BEST, METRICS, CONFIG, SPLITS = "last.pt", "best.pt", "metrics.jsonl", CONFIG_FILE, "splits.tsv"
 
 
 @dataclass
@@ -110,19 +119,13 @@ def _iteration_seed(seed: int, iteration: int, epoch: int = 0) -> int:
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises torch.distributed when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = resolve_device(device)
     if world > 1 and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(local_rank)
-            device = f"cuda:{local_rank}"
-        dist.init_process_group(backend)
+        if resolved.type == "cuda":
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(resolved)
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FghError(f"device {device!r} requested but CUDA is not available here")
     return rank, world, resolved
 
 
@@ -172,7 +175,13 @@ class Trainer:
 
     def _prepare(self) -> None:
         cfg = self.config
-        self.data = load_dataset(cfg.data)
+        if self.resume and not (self.out / LAST).exists():
+            raise FghError(f"{display_path(self.out)}: nothing to resume (no {LAST}); start without --resume")
+        if not self.resume and self.is_main and (self.out / LAST).exists():
+            raise FghError(f"{display_path(self.out)}: already holds a run ({LAST}); pass --resume to continue it "
+                           f"or choose another --out")
+        self.data = load_dataset(cfg.data, splits=self._splits_path(), split_seed=cfg.seed,
+                                 query_fraction=cfg.query_fraction)
         self.train_db, self.val = hold_out_validation(self.data.database, cfg.val_fraction, seed=cfg.seed) \
             if cfg.val_fraction > 0 else (list(self.data.database), [])
         num_classes = len(self.data.classes)
@@ -199,6 +208,7 @@ class Trainer:
         # The public code starts B from a real-valued Gaussian (models.md §1.1).
         self.codes = torch.randn(len(self.train_db), cfg.bits, generator=torch.Generator().manual_seed(cfg.seed))
         self.start_iteration = 0
+        self.aux_start_iteration = int(cfg.iterations * cfg.aux_start)
         self.best_map, self.best_iteration = -1.0, -1
         self.last_map: float | None = None
         self.amp_dtype = _amp_dtype(cfg, self.device)
@@ -211,13 +221,30 @@ class Trainer:
         self.step_module = step
         if self.resume:
             self._load_state()
-        elif self.is_main:
-            if (self.out / LAST).exists():
-                raise FghError(f"{self.out}: already holds a run ({LAST}); pass --resume to continue it "
-                               f"or choose another --out")
+        if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.out / CONFIG, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
-            (self.out / METRICS).unlink(missing_ok=True)
+            if self.data.layout == CLASS_FOLDERS:
+                self._write_splits()
+            # On resume too: the run's config now records where it is and how long it runs.
+            atomic_write(self.out / CONFIG,
+                         lambda f: f.write(json.dumps(self.config.to_dict(), indent=2).encode()))
+            if not self.resume:
+                (self.out / METRICS).unlink(missing_ok=True)
+
+    def _splits_path(self) -> Path | None:
+        """The run's split file (a relative ``splits`` is in the run directory), if it has one."""
+        if self.config.splits is None:
+            return None
+        return self.out / self.config.splits
+
+    def _write_splits(self) -> None:
+        """Record the split drawn from a class-folder tree in the run, so eval and resume reuse it."""
+        path = self.out / SPLITS
+        atomic_write(path, lambda f: f.write(splits_tsv(self.data).encode("utf-8")))
+        self.config = dataclasses.replace(self.config, splits=SPLITS)
+        database, query = len(self.data.database), len(self.data.query)
+        log.info("split %d images of %d classes: %d database / %d query (seed %d), written to %s",
+                 database + query, self.data.num_classes, database, query, self.config.seed, display_path(path))
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         """The optimizer's groups (pretrained at ``lr``, new at ``lr_new``, hash scaled), logged once."""
@@ -268,27 +295,44 @@ class Trainer:
 
     def _load_state(self) -> None:
         path = self.out / LAST
-        if not path.exists():
-            raise FghError(f"{path}: nothing to resume (no {LAST}); start without --resume")
+        where = display_path(path)
         ckpt = load_checkpoint(path)
         state = ckpt.extra.get("train_state")
         if not isinstance(state, dict):
-            raise FghError(f"{path}: has no training state to resume from")
-        saved = TrainConfig.from_dict(ckpt.extra["train_config"])
-        for key in ("data", "model", "bits", "backbone", "input_size", "num_samples", "seed"):
+            raise FghError(f"{where}: has no training state to resume from")
+        try:
+            saved = TrainConfig.from_dict(ckpt.extra.get("train_config"))
+        except FghError as exc:
+            raise FghError(f"{where}: {exc}") from None
+        for key in ("data", "splits", "model", "bits", "backbone", "input_size", "num_samples", "seed"):
             if getattr(saved, key) != getattr(self.config, key):
-                raise FghError(f"{path}: was trained with {key}={getattr(saved, key)!r}, not "
+                raise FghError(f"{where}: was trained with {key}={getattr(saved, key)!r}, not "
                                f"{getattr(self.config, key)!r}; resume with the same settings")
-        self.model.load_state_dict(ckpt.state_dict)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.codes = state["codes"].float()
-        self.start_iteration = int(state["iteration"]) + 1
-        self.best_map, self.best_iteration = float(state["best_map"]), int(state["best_iteration"])
+        try:
+            completed = int(state["iteration"]) + 1
+            self.model.load_state_dict(ckpt.state_dict)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.codes = state["codes"].float()
+            self.best_map, self.best_iteration = float(state["best_map"]), int(state["best_iteration"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise FghError(f"{where}: its training state is incomplete or damaged "
+                           f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        if self.codes.shape != (len(self.train_db), self.config.bits):
+            raise FghError(f"{where}: holds {tuple(self.codes.shape)} database codes, the data gives "
+                           f"({len(self.train_db)}, {self.config.bits}); was the dataset changed?")
+        if self.config.iterations < completed:
+            raise FghError(f"{where}: the run already completed {completed} iterations; iterations="
+                           f"{self.config.iterations} cannot shorten it")
+        self.start_iteration = completed
+        # Runs saved before the start was recorded planned it from their own length.
+        self.aux_start_iteration = int(state.get("aux_start_iteration", int(saved.iterations * saved.aux_start)))
         self.last_map = state.get("last_map")
         if self.is_main:
             _truncate_metrics(self.out / METRICS, self.start_iteration)
-            log.info("resuming %s after iteration %d", self.out, self.start_iteration - 1)
+            extended = f", extended from {saved.iterations} to {self.config.iterations} iterations" \
+                if saved.iterations != self.config.iterations else ""
+            log.info("resuming %s after iteration %d%s", display_path(self.out), completed - 1, extended)
 
     # ---------------------------------------------------------------- loop
 
@@ -337,7 +381,7 @@ class Trainer:
         codes_dev = self.codes.to(self.device)
         sim_dev = similarity.to(self.device)
         omega_dev = omega.to(self.device)
-        use_aux = iteration >= int(cfg.iterations * cfg.aux_start)
+        use_aux = iteration >= self.aux_start_iteration
         want = wanted_outputs(use_reconstruction=use_aux, adl_weight=cfg.adl_weight)
         sums: dict[str, float] = {}
         self.model.train()
@@ -480,6 +524,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "codes": self.codes,
+                "aux_start_iteration": self.aux_start_iteration,
                 "best_map": self.best_map,
                 "best_iteration": self.best_iteration,
                 "last_map": self.last_map,
@@ -512,12 +557,22 @@ class _Batches:
 
 
 def _truncate_metrics(path: Path, next_iteration: int) -> None:
-    """Drop metric lines of iterations that a resume will run again."""
+    """Drop metric lines of iterations that a resume will run again, and lines cut short by a kill."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["iteration"] < next_iteration]
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (iteration := _metrics_iteration(line)) is not None and iteration < next_iteration]
     atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+def _metrics_iteration(line: str) -> int | None:
+    """The iteration a metrics line records, or ``None`` for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    iteration = record.get("iteration") if isinstance(record, dict) else None
+    return iteration if isinstance(iteration, int) else None
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> TrainResult:
