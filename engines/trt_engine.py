@@ -20,7 +20,7 @@ import torch
 from export.tensorrt import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
                              read_engine_header, read_verified_plan)
 from fgh_deploy.config import HashConfig, PreprocessConfig
-from fgh_deploy.display import display_path
+from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError
 
 from .base import Engine
@@ -70,6 +70,8 @@ class TensorRTEngine(Engine):
         profile = header["profile"]
         batch_range = (profile["min"], profile["opt"], profile["max"])
         self.header = header
+        #: The command that rebuilds this engine, as it may be printed.
+        self.rebuild = terminal_safe(header["rebuild"])
         self.precision: str = header["precision"]
         self.dla_core: int | None = header["dla_core"]
         self.profile = batch_range
@@ -117,7 +119,7 @@ class TensorRTEngine(Engine):
             if self._engine is None:
                 raise FghError(f"{self.shown_path}: TensorRT {trt.__version__} could not deserialise the plan "
                                f"({logger.last_errors() or 'no error reported'}); rebuild it with: "
-                               f"{self.header['rebuild']}")
+                               f"{self.rebuild}")
             self._context = self._engine.create_execution_context()
             if self._context is None:
                 raise FghError(f"{self.shown_path}: TensorRT could not create an execution context "
@@ -132,7 +134,7 @@ class TensorRTEngine(Engine):
         want_in, want_out = self.header["input"]["name"], self.header["output"]["name"]
         if inputs != [want_in] or outputs != [want_out]:
             raise FghError(f"{self.shown_path}: the plan's tensors (inputs {inputs}, outputs {outputs}) do not match "
-                           f"its header ({want_in!r} → {want_out!r}); rebuild it with: {self.header['rebuild']}")
+                           f"its header ({want_in!r} → {want_out!r}); rebuild it with: {self.rebuild}")
         in_dtype = dtype_name(trt, engine.get_tensor_dtype(want_in))
         out_dtype = dtype_name(trt, engine.get_tensor_dtype(want_out))
         out_shape = tuple(engine.get_tensor_shape(want_out))
@@ -145,7 +147,7 @@ class TensorRTEngine(Engine):
         plan_profile = (int(mins[0]), int(opts[0]), int(maxs[0]))
         if plan_profile != self.profile:
             raise FghError(f"{self.shown_path}: the plan's batch profile {plan_profile} does not match its header "
-                           f"{self.profile}; rebuild it with: {self.header['rebuild']}")
+                           f"{self.profile}; rebuild it with: {self.rebuild}")
 
     def _ensure_capacity(self, batch: int) -> None:
         """Device buffers for ``batch`` images, bound to the context once (their addresses never move)."""
@@ -168,7 +170,7 @@ class TensorRTEngine(Engine):
             low, opt, high = self.profile
             raise FghError(f"{self.shown_path}: a batch of {batch} is outside the engine's optimization profile "
                            f"(min {low}, opt {opt}, max {high}); encode at least {low} images per call or rebuild "
-                           f"with a smaller min batch: {self.header['rebuild']}")
+                           f"with a smaller min batch: {self.rebuild}")
         out_shape = tuple(self._context.get_tensor_shape(self._output_name))
         if out_shape != (batch, self.bits):
             raise FghError(f"{self.shown_path}: the engine reports output shape {out_shape} for a batch of {batch}, "

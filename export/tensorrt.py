@@ -247,20 +247,16 @@ def read_engine_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     offset = len(MAGIC) + _LENGTH.size + length
     if size <= offset:
         raise FghError(f"{shown}: truncated engine file (no TensorRT plan after the header); "
-                       f"rebuild it with: {header['rebuild']}")
+                       f"rebuild it with: {terminal_safe(header['rebuild'])}")
     return header, offset
 
 
 def _check_header(header: dict[str, Any]) -> None:
-    """Every header field has the type and range fgh writes; raises FghError naming the first that has not.
-
-    ``rebuild`` is made terminal-safe in place: it is shown in every later message.
-    """
+    """Every header field has the type and range fgh writes; raises FghError naming the first that has not."""
     for key in ("fgh_version", "tensorrt_version", "gpu_name", "compute_capability", "fingerprint", "checkpoint",
                 "rebuild", "onnx_sha256", DIGEST_KEY):
         if not isinstance(header[key], str) or not header[key]:
             raise FghError(f"bad {key}: expected a non-empty string")
-    header["rebuild"] = terminal_safe(header["rebuild"])
     if header["precision"] not in PRECISIONS:
         raise FghError(f"bad precision: expected one of {', '.join(PRECISIONS)}")
     if header["api_family"] not in (10, 11):
@@ -301,7 +297,7 @@ def read_verified_plan(path: str | os.PathLike, header: dict[str, Any], offset: 
                        f"({terminal_safe(exc.strerror or str(exc))})") from exc
     if engine_digest(header, plan) != header[DIGEST_KEY]:
         raise FghError(f"{display_path(path)}: the plan or its header does not match the recorded digest "
-                       f"(modified after the build?); rebuild it with: {header['rebuild']}")
+                       f"(modified after the build?); rebuild it with: {terminal_safe(header['rebuild'])}")
     return plan
 
 
@@ -331,7 +327,7 @@ def check_engine_compatible(header: dict[str, Any], *, path: str | os.PathLike, 
         f"{display_path(path)}: built with TensorRT {terminal_safe(built_version)} for "
         f"{terminal_safe(str(header['gpu_name']))} (sm {terminal_safe(built_cc)}); "
         f"this machine has TensorRT {tensorrt_version} and {gpu_name} (sm {compute_capability}) "
-        f"— rebuild it with: {header['rebuild']}")
+        f"— rebuild it with: {terminal_safe(header['rebuild'])}")
 
 
 def engine_file_name(stem: str, precision: str, compute_capability: str, trt_version: str) -> str:

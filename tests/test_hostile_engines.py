@@ -26,7 +26,7 @@ from engines.trt_engine import TensorRTEngine
 from export.calibration import synthetic_images
 from export.onnx import DIGEST_KEY, METADATA_KEY, export_onnx, graph_digest
 from export.pipeline import export_checkpoint
-from export.tensorrt import MAGIC, read_engine_header, write_engine
+from export.tensorrt import MAGIC, read_engine_header, read_verified_plan, write_engine
 from fgh_deploy.config import MAX_JSON_DEPTH, HashConfig, PreprocessConfig, parse_json_object
 from fgh_deploy.errors import BackendUnavailableError, FghError
 
@@ -243,6 +243,15 @@ def test_a_changed_plan_byte_is_refused_before_deserialising(tmp_path: Path) -> 
     message = str(_engine_refusal(path))
     assert "the plan or its header does not match the recorded digest (modified after the build?)" in message
     assert message.endswith("rebuild it with: fgh export m.pt --trt")
+
+
+def test_a_rebuild_command_with_control_characters_is_sealed_as_written_and_shown_escaped(tmp_path: Path) -> None:
+    path = write_engine(tmp_path / "m.engine", _trt_header(rebuild="fgh export 'a\x1b[2Jb.pt' --trt"), b"PLAN")
+    header, offset = read_engine_header(path)
+    assert read_verified_plan(path, header, offset) == b"PLAN"
+    path.write_bytes(path.read_bytes()[:-1] + b"X")
+    message = str(_engine_refusal(path))
+    assert "\x1b" not in message and message.endswith("rebuild it with: fgh export 'a\\x1b[2Jb.pt' --trt")
 
 
 def test_a_swapped_header_fingerprint_is_refused(tmp_path: Path) -> None:
