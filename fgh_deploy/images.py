@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import re
+import signal
 import stat
 import struct
 import time
@@ -635,7 +636,8 @@ class ImageBatchLoader:
     Built on :class:`torch.utils.data.DataLoader`: with ``num_workers > 0`` images are
     decoded in worker processes while the caller runs the model on the previous batch.
     Files that fail are dropped from their batch and reported in ``failures``; they never
-    stop the iteration.
+    stop the iteration. A worker process that dies (killed by a signal, e.g. by the
+    out-of-memory killer) ends it with a one-line :class:`FghError` naming its pid and signal.
 
     With ``jpeg_device`` set, workers only read plain JPEG files (RGB or grayscale) and
     their EXIF orientation; the calling process decodes each batch of them in one call on
@@ -708,16 +710,23 @@ class ImageBatchLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[ImageBatch]:
-        for batch in self._loader:
-            self.worker_decode_seconds += batch.decode_seconds
-            self.worker_preprocess_seconds += batch.preprocess_seconds
-            if self.jpeg_device is None:
-                yield ImageBatch(batch.indices, batch.images, batch.failures)
-            else:
-                start = time.perf_counter()
-                merged = self._decode_on_device(batch)
-                self.device_decode_seconds += time.perf_counter() - start
-                yield merged
+        batches = iter(self._loader)
+        try:
+            for batch in batches:
+                self.worker_decode_seconds += batch.decode_seconds
+                self.worker_preprocess_seconds += batch.preprocess_seconds
+                if self.jpeg_device is None:
+                    yield ImageBatch(batch.indices, batch.images, batch.failures)
+                else:
+                    start = time.perf_counter()
+                    merged = self._decode_on_device(batch)
+                    self.device_decode_seconds += time.perf_counter() - start
+                    yield merged
+        except Exception as exc:
+            death = _worker_death(batches)
+            if death is None:
+                raise
+            raise death from exc
 
     def _decode_on_device(self, batch: _Collated) -> ImageBatch:
         """Decode the batch's raw JPEGs on the device and merge them into input order."""
@@ -740,3 +749,36 @@ class ImageBatchLoader:
         indices = sorted(done)
         return ImageBatch(indices, _stack([done[i] for i in indices], self.cfg.input_size).to(device),
                           sorted(failures))
+
+
+def _worker_death(batches: Iterator[_Collated]) -> FghError | None:
+    """The one-line error for a decoding worker that died under ``batches``; ``None`` if none did.
+
+    DataLoader reports a dead worker as a ``RuntimeError`` (or whatever broke while reading
+    from it), with a traceback. Its worker processes are shut down here first: that also takes
+    their pids out of DataLoader's SIGCHLD handler, which would otherwise raise again later in
+    unrelated code.
+    """
+    workers = getattr(batches, "_workers", [])  # torch's worker processes; none without workers
+    try:
+        batches._shutdown_workers()  # type: ignore[attr-defined]
+    except AttributeError:
+        return None  # no worker processes: the error is the image code's own
+    except RuntimeError:
+        pass  # that SIGCHLD handler, reporting the same death while the workers were shut down
+    for worker in workers:
+        worker.join(_WORKER_EXIT_SECONDS)
+        if worker.exitcode is not None and worker.exitcode < 0:
+            name = signal.Signals(-worker.exitcode).name
+            cause = "often the out-of-memory killer" if name == "SIGKILL" else "killed from outside"
+            return FghError(f"image decoding worker (pid {worker.pid}) was killed by signal {name}: {cause}; "
+                            f"{_WORKER_ADVICE}")
+        if worker.exitcode:
+            return FghError(f"image decoding worker (pid {worker.pid}) exited with code {worker.exitcode}; "
+                            f"{_WORKER_ADVICE}")
+    return None
+
+
+_WORKER_ADVICE = "try fewer --workers or a smaller --batch-size (--workers 0 decodes in this process)"
+# A worker that was just told to stop exits at once; this only bounds a stuck one.
+_WORKER_EXIT_SECONDS = 5.0

@@ -15,8 +15,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+import fgh_deploy as fgh
+from engines import load_engine
 from fgh_deploy import images as images_module
 from fgh_deploy.config import PreprocessConfig
+from fgh_deploy.encode import encode_folder
 from fgh_deploy.errors import FghError
 from fgh_deploy.images import (
     MAX_FULL_RESIZE_RATIO,
@@ -25,6 +28,8 @@ from fgh_deploy.images import (
     long_side_crop_box,
     read_plain_jpeg,
 )
+from fgh_deploy.index import CodeIndex
+from fgh_deploy.query import search_images
 
 SMALL = PreprocessConfig(input_size=32, resize_size=36)
 DEFAULT = PreprocessConfig()
@@ -123,3 +128,70 @@ def test_device_path_leaves_extreme_aspect_ratios_to_pillow(tmp_path: Path) -> N
     (batch,) = list(loader)
     assert batch.indices == [0, 1] and batch.failures == []
     assert torch.equal(batch.images[0], load_image(tmp_path / "wide.jpg", cfg))
+
+
+# --------------------------------------------------------------------------- dead decoding workers
+
+
+def test_worker_killed_by_a_signal_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a.png", "b.png", "dies.png"):
+        _noise_png(tmp_path / name, 40, 30)
+    load_timed = images_module._load_timed
+
+    def load_or_die(index: int, path: str, cfg: PreprocessConfig) -> object:
+        if path.endswith("dies.png"):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+        return load_timed(index, path, cfg)
+
+    # Forked workers inherit the patched module.
+    monkeypatch.setattr(images_module, "_load_timed", load_or_die)
+    loader = ImageBatchLoader(["a.png", "b.png", "dies.png"], SMALL, root=tmp_path, batch_size=1,
+                              num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(FghError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("image decoding worker (pid ")
+    assert "was killed by signal SIGKILL: often the out-of-memory killer" in message
+    assert f"(pid {os.getpid()})" not in message  # the worker's pid, not ours
+
+
+# --------------------------------------------------------------------------- query batching
+
+
+def test_query_images_are_encoded_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = fgh.save_checkpoint(fgh.build_model("adsh", 16, backbone="resnet18", input_size=32),
+                                tmp_path / "adsh16.pt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shapes = [(40, 30), (30, 40), (64, 64), (500, 20), (20, 500), (50, 45)]  # two extreme ratios
+    for n, shape in enumerate(shapes):
+        _noise_png(folder / f"{n}.png", *shape, seed=n)
+    queries = [folder / f"{n % len(shapes)}.png" for n in range(11)]
+    with load_engine(model, device="cpu") as engine:
+        encode_folder(folder, engine, tmp_path / "idx", progress=False, workers=0)
+        index = CodeIndex.open(tmp_path / "idx")
+        one_by_one = [search_images(index, engine, [query], top_k=4)[0] for query in queries]
+        encode = engine.encode
+        batch_sizes = []
+
+        def counting_encode(images: torch.Tensor) -> np.ndarray:
+            batch_sizes.append(len(images))
+            return encode(images)
+
+        monkeypatch.setattr(engine, "encode", counting_encode)
+        batched = search_images(index, engine, queries, top_k=4, batch_size=4)
+        assert batch_sizes == [4, 4, 3]
+        assert [r.query for r in batched] == [str(q) for q in queries]
+        assert [r.to_dict() for r in batched] == [r.to_dict() for r in one_by_one]
+        assert all(r.hits[0].distance == 0 for r in batched)  # each query is in the index
+        with pytest.raises(FghError, match="batch_size must be at least 1"):
+            search_images(index, engine, queries, batch_size=0)
+        # A query that cannot be decoded, in a later batch, is still named in one line.
+        (folder / "text.png").write_text("not an image")
+        with pytest.raises(FghError, match=r"text\.png: not an image") as info:
+            search_images(index, engine, [*queries, folder / "text.png"], batch_size=4)
+        assert "\n" not in str(info.value)
+        index.close()
