@@ -36,6 +36,16 @@ SCHEMA_VERSION = 1
 _REFERENCE_ROWS = 1 << 20
 
 
+def _available_memory() -> int | None:
+    """Bytes of physical memory free now (Linux), or in total elsewhere; None when unknown."""
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            continue
+    return None
+
+
 def bench_search(
     n: int,
     bits: int,
@@ -97,6 +107,11 @@ def bench_search(
     if smoke:
         n, repeats = min(n, 10_000), 1
         queries = sorted({min(q, 8) for q in queries})
+    # The codes live three times at most: generated, in our searcher's columns, in FAISS's index.
+    needed, available = 3 * n * ((bits + 7) // 8), _available_memory()
+    if available is not None and needed > available:
+        raise FghError(f"n = {n:,} codes of {bits} bits need about {needed / 2**30:,.1f} GiB here; "
+                       f"{available / 2**30:.1f} GiB of memory is available")
     rng = np.random.default_rng(seed)
     database = _random_codes(rng, n, bits)
     query_codes = _random_codes(rng, max(queries), bits)

@@ -83,6 +83,8 @@ DEFAULT_CHUNK_SIZE = 131072
 # codes, one query: 1 thread 751 M codes/s, 4: 1,020, 8: 867, 16: 466; 64 queries: 8 threads
 # 3,364, 16: 1,940 (`fgh bench search --threads T`).
 DEFAULT_MAX_THREADS = 8
+MAX_RESULT_SLOTS = 1 << 28
+"""Most ``queries × k`` one search may return: 3 GiB of int32 distances and int64 rows."""
 
 # Measured on a 2-core Zen 4 with numpy 2.4: ``bitwise_count`` is a scalar loop (~2.8 G
 # elements/s whatever the word width) and ``xor`` runs at ~5 G/s, so a 64-bit comparison
@@ -206,9 +208,12 @@ class HammingSearcher:
         """
         k = check_int(k, "k", minimum=1)
         queries = self._check_queries(queries)
+        nq = len(queries)
+        if nq * k > MAX_RESULT_SLOTS:
+            raise FghError(f"k = {k:,} for {nq:,} queries asks for {nq * k:,} results, more than "
+                           f"{MAX_RESULT_SLOTS:,}; ask for fewer (this index holds {self.ntotal:,} codes)")
         if self._gpu is not None:
             return self._gpu.search(queries, k)
-        nq = len(queries)
         distances = np.full((nq, k), -1, dtype=np.int32)
         labels = np.full((nq, k), -1, dtype=np.int64)
         if nq == 0 or self.ntotal == 0:
