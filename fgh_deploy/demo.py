@@ -7,6 +7,7 @@ report. Every stage logs one line to stderr; the result ends with mAP next to th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .display import display_path
 from .errors import FghError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class DemoResult:
 # 6 iterations of 500 samples, and the whole demo must stay under 10 minutes on 2 CPU cores.
 DEMO_ITERATIONS = 8
 DEMO_SAMPLES = 400
+#: Written into ``--out`` first (then the result): marks the folder as a demo's, which a rerun may replace.
+DEMO_MARKER = "demo.json"
 
 
 def run_demo(out: str | os.PathLike = "fgh-demo", *, data: str | os.PathLike | None = None, model: str = "semicon",
@@ -84,11 +88,18 @@ def run_demo(out: str | os.PathLike = "fgh-demo", *, data: str | os.PathLike | N
     from .report import write_html_report
 
     out = Path(out)
+    # Replacing a folder deletes it: only a real folder that an earlier demo marked as its own.
+    if out.is_symlink():
+        raise FghError(f"{display_path(out)}: is a symbolic link; give the folder itself as --out")
     if out.exists():
-        if not (out / "demo.json").exists() and any(out.iterdir()):
-            raise FghError(f"{out}: exists and is not an earlier fgh demo; choose another --out")
+        if not out.is_dir():
+            raise FghError(f"{display_path(out)}: exists and is not a folder; choose another --out")
+        if not (out / DEMO_MARKER).is_file() and any(out.iterdir()):
+            raise FghError(f"{display_path(out)}: exists and is not an earlier fgh demo; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    # Marked before the first stage, so that a demo stopped halfway can still be replaced.
+    (out / DEMO_MARKER).write_text(json.dumps({"schema_version": 1, "complete": False}) + "\n")
     stages: dict[str, float] = {}
 
     def stage(name: str, started: float) -> None:
@@ -162,9 +173,7 @@ def run_demo(out: str | os.PathLike = "fgh-demo", *, data: str | os.PathLike | N
         f"fgh export {q(str(checkpoint))} --fp16",
         f"fgh train --data {q(str(root))} --model agmh --bits 48 --preset fast --out runs/agmh48",
     ]
-    import json
-
     from .checkpoint import atomic_write
 
-    atomic_write(out / "demo.json", lambda f: f.write(json.dumps(result.to_dict(), indent=2).encode()))
+    atomic_write(out / DEMO_MARKER, lambda f: f.write(json.dumps(result.to_dict(), indent=2).encode()))
     return result

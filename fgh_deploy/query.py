@@ -20,6 +20,7 @@ import torch
 
 from .bits import pack_codes
 from .config import PreprocessConfig
+from .display import display_path
 from .errors import FghError, check_int
 from .images import load_image
 from .index import CodeIndex
@@ -74,6 +75,8 @@ def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
     """
     codes = np.asarray(codes)
     packed = codes if codes.dtype == np.uint8 else pack_codes(codes, bits=index.bits)
+    # No query has more hits than the index has images: a huge --top-k means "all of them".
+    top_k = min(check_int(top_k, "top_k", minimum=1), max(len(index), 1))
     if radius is None:
         distances, rows = index.search(packed, top_k, device=device)
         return [_hits(index, distances[i], rows[i]) for i in range(len(packed))]
@@ -86,8 +89,8 @@ def check_engine_matches(index: CodeIndex, engine: Engine) -> None:
     """Refuse to search an index with codes from another model or preprocessing."""
     index.check_compatible(engine.bits, engine.fingerprint, hint="query with the engine that built it (the default without --engine)")
     if PreprocessConfig.from_dict(index.preprocess) != engine.preprocess:
-        raise FghError(f"{index.path}: built with preprocessing {index.preprocess}, "
-                       f"but {engine.path.name} uses {engine.preprocess.to_dict()}")
+        raise FghError(f"{display_path(index.path)}: built with preprocessing {index.preprocess}, "
+                       f"but {display_path(engine.path.name)} uses {engine.preprocess.to_dict()}")
 
 
 #: Query images decoded and encoded per engine call: memory stays that of one batch (a
@@ -122,8 +125,8 @@ def default_engine_path(index: CodeIndex) -> Path:
     """The engine file recorded in the index (what produced its codes)."""
     recorded = index.engine.get("path")
     if not recorded:
-        raise FghError(f"{index.path}: records no engine; pass --engine")
+        raise FghError(f"{display_path(index.path)}: records no engine; pass --engine")
     path = Path(recorded)
     if not path.is_file():
-        raise FghError(f"{index.path}: its engine {path} is gone; pass --engine")
+        raise FghError(f"{display_path(index.path)}: its engine {display_path(path)} is gone; pass --engine")
     return path

@@ -32,6 +32,7 @@ from . import __version__
 from .bits import unpack_codes
 from .checkpoint import atomic_write
 from .display import display_path
+from .errors import FghError
 from .images import ImageDecodeError, decode_image
 from .index import CodeIndex
 from .query import TIE_RULE, Hit, QueryResult
@@ -286,6 +287,7 @@ def write_html_report(
 
     Raises:
         ValueError: ``thumb_size`` < 16, or a negative ``bit_examples`` or ``bits_shown``.
+        FghError: ``path`` is a folder or cannot be written.
     """
     if thumb_size < 16:
         raise ValueError(f"thumb_size must be >= 16, got {thumb_size}")
@@ -341,5 +343,10 @@ def write_html_report(
         "",
     ])
     out = Path(path)
-    atomic_write(out, lambda f: f.write(document.encode("utf-8")))
+    if out.is_dir():
+        raise FghError(f"{display_path(out)}: is a folder; name the HTML file to write")
+    try:
+        atomic_write(out, lambda f: f.write(document.encode("utf-8")))
+    except OSError as exc:
+        raise FghError(f"{display_path(out)}: cannot write the report ({exc.strerror or exc})") from None
     return out
