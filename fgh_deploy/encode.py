@@ -24,6 +24,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,7 +220,7 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                         console=Console(stderr=True))
     last_commit = time.perf_counter()
     started = time.perf_counter()
-    with progress:
+    with progress, _worker_deaths_as_errors(loader):
         task = progress.add_task("encode", total=len(todo), rate=0.0)
         tick = time.perf_counter()
         for indices, images, failures in loader:
@@ -255,6 +257,18 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
     summary.timings = {k: round(v, 4) for k, v in timings.items()}
     summary.image_seconds = {"decode": round(loader.worker_decode_seconds, 4),
                              "preprocess": round(loader.worker_preprocess_seconds, 4)}
+
+
+@contextmanager
+def _worker_deaths_as_errors(loader: ImageBatchLoader) -> Iterator[None]:
+    """A decoding worker's death, reported by DataLoader anywhere in the loop, as one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        death = loader.worker_death()
+        if death is None:
+            raise
+        raise death from exc
 
 
 def _padded(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -710,7 +710,7 @@ class ImageBatchLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[ImageBatch]:
-        batches = iter(self._loader)
+        batches = self._batches = iter(self._loader)
         try:
             for batch in batches:
                 self.worker_decode_seconds += batch.decode_seconds
@@ -727,6 +727,15 @@ class ImageBatchLoader:
             if death is None:
                 raise
             raise death from exc
+
+    def worker_death(self) -> FghError | None:
+        """The one-line error for a decoding worker that died, ``None`` if none did.
+
+        For the consumer's own loop: DataLoader's SIGCHLD handler reports a dead worker as a
+        ``RuntimeError`` wherever the main process happens to be, not only inside iteration.
+        """
+        batches = getattr(self, "_batches", None)
+        return None if batches is None else _worker_death(batches)
 
     def _decode_on_device(self, batch: _Collated) -> ImageBatch:
         """Decode the batch's raw JPEGs on the device and merge them into input order."""
