@@ -30,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from fgh_deploy.config import PreprocessConfig
+from fgh_deploy.config import INTERPOLATIONS, PreprocessConfig
 from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
 
@@ -64,8 +64,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 # Interpolations torchvision can apply to a uint8 tensor (box/hamming/lanczos are PIL-only).
-_TENSOR_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
-
 # Pillow's format plugins raise any of these on malformed data, not only OSError.
 _PIL_DECODE_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, ZeroDivisionError,
@@ -203,8 +201,8 @@ def decode_image(path: StrPath, min_size: int | None = None) -> Image.Image:
 
 
 def _interpolation(name: str) -> InterpolationMode:
-    if name not in _TENSOR_INTERPOLATIONS:
-        choices = ", ".join(_TENSOR_INTERPOLATIONS)
+    if name not in INTERPOLATIONS:
+        choices = ", ".join(INTERPOLATIONS)
         raise FghError(f"interpolation {name!r} is not supported; use one of {choices}")
     return InterpolationMode(name)
 
