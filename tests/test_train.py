@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from train.dcc import sign_plus, update_database_codes
 from train.evaluate import evaluate_checkpoint
 from train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
 from train import trainer as trainer_module
-from train.trainer import BEST, LAST, METRICS, distinct_codes, train
+from train.trainer import BEST, LAST, METRICS, SPLITS, distinct_codes, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,6 +233,28 @@ def test_a_tiny_cpu_run_learns_well_above_chance(tiny_data: Path, tmp_path: Path
     asym = report["protocols"]["asymmetric"]
     print(f"\ntiny run: mAP {asym['map@all/index']:.3f} vs chance {asym['chance_map@all']:.3f}")
     assert asym["map@all/expected"] > asym["chance_map@all"] + 0.25
+
+
+def test_a_class_folder_tree_is_split_by_seed_and_the_split_kept_in_the_run(
+        tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    photos = tmp_path / "photos"  # the same images as class folders only, without a split
+    shutil.copytree(tiny_data, photos, ignore=shutil.ignore_patterns("splits.tsv"))
+    with caplog.at_level("INFO", logger="train.trainer"):
+        train(_config(photos, tmp_path / "a", model="adsh", iterations=1), progress=False)
+    written = tmp_path / "a" / SPLITS
+    assert (f"split 32 images of 4 classes: 24 database / 8 query (seed 7), written to {written}"
+            in caplog.messages)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["splits"] == SPLITS
+    # The same seed draws the same split; the run trains and evaluates on it.
+    train(_config(photos, tmp_path / "b", model="adsh", iterations=1), progress=False)
+    assert (tmp_path / "b" / SPLITS).read_bytes() == written.read_bytes()
+    lines = written.read_text().splitlines()
+    database = {line.split("\t")[0] for line in lines[1:] if line.endswith("\tdatabase")}
+    ckpt = fgh.load_checkpoint(tmp_path / "a" / LAST)
+    # 2 of each class's 6 database images are held out for validation.
+    assert set(ckpt.extra["database_paths"]) <= database and len(ckpt.extra["database_paths"]) == 16
+    report = evaluate_checkpoint(tmp_path / "a" / BEST, topks=(4,), workers=0)
+    assert (report["data"]["database"], report["data"]["query"]) == (24, 8)
 
 
 def test_distinct_codes_counts_sign_patterns() -> None:
