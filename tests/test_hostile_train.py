@@ -129,6 +129,7 @@ def _recorded(tmp_path: Path, **overrides) -> dict:
     (b'{"data": "d", "model": "adsh", "bits": 8, "out": "o", "lr": null}', "lr must be a finite number, got None"),
     (b'{"data": "d", "model": "adsh", "bits": 8, "out": "o", "crop_scale": 0.5}', "crop_scale must be 2 numbers"),
     (b'{"data": "d", "model": "adsh", "bits": 8, "out": "o", "model_options": [1]}', "model_options must be an object"),
+    (b'{"data": "d", "model": "adsh", "bits": 8, "out": "o", "workers": 100000}', "workers must be from 0 to 256"),
     (b'{"data": "d", "model": "adsh\\u001b[2J", "bits": 8, "out": "o"}', "unknown model 'adsh\\x1b[2J'"),
 ])
 def test_a_damaged_config_json_is_named_in_one_line(content: bytes, needle: str, tmp_path: Path,

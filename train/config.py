@@ -27,6 +27,8 @@ CONFIG_FILE = "config.json"
 MIN_INPUT_SIZE = 32
 #: fgh writes config.json files of about 1 kB; anything far larger was not written by it.
 MAX_CONFIG_BYTES = 1 << 20
+#: More decoding processes than any machine has cores: a typo or a damaged config must not fork thousands.
+MAX_WORKERS = 256
 
 
 @dataclass
@@ -172,7 +174,7 @@ class TrainConfig:
             (0.0 < self.query_fraction < 1.0, "query_fraction must be in (0, 1)"),
             (self.select_on in ("val", "query"), "select_on must be 'val' or 'query'"),
             (self.eval_every >= 1, "eval_every must be ≥ 1"),
-            (self.workers >= 0, "workers must be ≥ 0"),
+            (0 <= self.workers <= MAX_WORKERS, f"workers must be from 0 to {MAX_WORKERS}, got {self.workers}"),
             (0 <= self.seed < 2**63, "seed must be in [0, 2⁶³)"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "amp must be auto, bf16, fp16 or off"),
             (self.splits is None or bool(self.splits), "splits must name a file"),
