@@ -221,18 +221,34 @@ def test_each_model_has_its_loss_terms_on_a_fixed_batch(name: str) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_a_tiny_cpu_run_learns_well_above_chance(tiny_data: Path, tmp_path: Path) -> None:
-    # The loss is normalised by the database size, so a 12-image database needs a small rate, and
+COLOURS = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220), (220, 40, 220)]
+
+
+def test_a_tiny_cpu_run_learns_well_above_chance(tmp_path: Path) -> None:
+    # Six classes told apart by colour alone, seen through a frozen random-weight trunk whose
+    # features already separate them: whether the run learns does not hinge on its trajectory, so
+    # float rounding (another CPU's kernels, thread count) cannot flip it. Measured: mAP 1.0 for
+    # every seed tried and under generic/AVX2/AVX-512 kernels, 1 or 2 threads (see the commit);
+    # chance 0.29. tiny_data (two red classes told apart by thin stripes) swung from 0.52 to 1.0.
+    rng = np.random.default_rng(0)
+    lines = []
+    for c, colour in enumerate(COLOURS):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(np.array(colour) + rng.integers(-30, 31, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+            lines.append(f"c{c}/{i}.png\tc{c}\t{'database' if i % 2 == 0 else 'query'}\n")
+    (tmp_path / "data" / "splits.tsv").write_text("".join(lines))
+    # The loss is normalised by the database size, so an 18-image database needs a small rate, and
     # γ = 200 would let the quantization term (γ·U) outweigh k·SᵀU (3 positives per row) in DCC.
-    # AdamW, as in the fast preset: SGD's result on this tiny set swung by 0.2 mAP with the seed
-    # and with float rounding (channels-last vs contiguous), AdamW's stayed within 0.47–0.63 over chance.
-    result = train(_config(tiny_data, tmp_path / "learn", model="adsh", iterations=8, epochs=2, num_samples=16,
-                           optimizer="adamw", lr=1e-3, lr_new=1e-3, gamma=5.0, val_fraction=0.0, select_on="query",
-                           crop_scale=(0.8, 1.0)), progress=False)
-    report = evaluate_checkpoint(tmp_path / "learn" / LAST, topks=(4,), workers=0)
+    train(_config(tmp_path / "data", tmp_path / "learn", model="adsh", iterations=8, epochs=2, num_samples=18,
+                  optimizer="adamw", lr=1e-3, lr_new=1e-3, gamma=5.0, val_fraction=0.0, select_on="query",
+                  crop_scale=(0.8, 1.0), freeze_trunk=True), progress=False)
+    report = evaluate_checkpoint(tmp_path / "learn" / LAST, topks=(3,), workers=0)
     asym = report["protocols"]["asymmetric"]
-    print(f"\ntiny run: mAP {asym['map@all/index']:.3f} vs chance {asym['chance_map@all']:.3f}")
-    assert asym["map@all/expected"] > asym["chance_map@all"] + 0.25
+    print(f"\ntiny run: mAP {asym['map@all/worst']:.3f} (worst tie order) vs chance {asym['chance_map@all']:.3f}")
+    assert asym["chance_map@all"] < 0.3
+    assert asym["map@all/worst"] > asym["chance_map@all"] + 0.4
 
 
 def test_a_class_folder_tree_is_split_by_seed_and_the_split_kept_in_the_run(
