@@ -2,13 +2,16 @@
 
 Results go to stdout (a table, or JSON with ``--json``); progress and logs go to stderr. A
 :class:`~fgh_deploy.errors.FghError` becomes one line on stderr and a non-zero exit code; any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. Nothing printed is read as Rich markup (a file may be
+called ``photo [copy].jpg``), and every path and user string passes through
+:mod:`fgh_deploy.display` (a file name may hold escape sequences).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .demo import DEMO_ITERATIONS, DEMO_SAMPLES
+from .display import display_path, terminal_safe
 from .errors import FghError
 
 app = typer.Typer(
@@ -28,8 +32,8 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_show_locals=False,
 )
-stdout = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 BitsOption = Annotated[int, typer.Option("--bits", "-b", min=1, help="Code length in bits.")]
@@ -37,7 +41,16 @@ InputSizeOption = Annotated[int, typer.Option("--input-size", min=32, help="Squa
 
 
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    # ensure_ascii keeps undecodable file-name bytes (lone surrogates, os.fsdecode) as \udcXX escapes,
+    # which json.loads and os.fsencode turn back into the original bytes.
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=True) + "\n")
+
+
+class _TerminalSafeFormatter(logging.Formatter):
+    """Log messages with control characters escaped (tracebacks keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return terminal_safe(super().formatMessage(record))
 
 
 @app.callback(invoke_without_command=True)
@@ -52,7 +65,9 @@ def _root(
     if ctx.invoked_subcommand is None:
         stdout.print(ctx.get_help())
         raise typer.Exit()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_TerminalSafeFormatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     # Third-party libraries log their internals at INFO (e.g. onnxscript's graph rewrites).
     for noisy in ("onnxscript", "onnx_ir", "torch", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -117,7 +132,10 @@ def encode(
     out: Annotated[Path, typer.Option("--out", "-o", help="Index directory (created or resumed).")],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoding processes.")] = None,
-    rebuild: Annotated[bool, typer.Option("--rebuild", help="Start the index from scratch.")] = False,
+    rebuild: Annotated[bool, typer.Option(
+        "--rebuild", help="Build a new index; it replaces the one at --out only once complete.")] = False,
+    follow_links: Annotated[bool, typer.Option(
+        "--follow-links", help="Descend into symlinked folders (by default they are listed as skipped).")] = False,
     device: DeviceOption = "auto",
     gpu_decode: GpuDecodeOption = None,
     as_json: JsonOption = False,
@@ -129,21 +147,23 @@ def encode(
 
     with load_engine(engine, device=device) as eng:
         summary = encode_folder(folder, eng, out, batch_size=batch_size, workers=workers, rebuild=rebuild,
-                                progress=None if not as_json else False, gpu_decode=gpu_decode)
+                                progress=None if not as_json else False, gpu_decode=gpu_decode,
+                                follow_links=follow_links)
     if as_json:
         _print_json(summary.to_dict())
         return
     for s in summary.skipped[:20]:
-        err.print(f"skipped {s['path']}: {s['reason']}", markup=False, soft_wrap=True)
+        err.print(f"skipped {display_path(s['path'])}: {terminal_safe(s['reason'])}", soft_wrap=True)
     if len(summary.skipped) > 20:
         err.print(f"... and {len(summary.skipped) - 20} more", soft_wrap=True)
-    table = Table(title=f"fgh encode → {out}", show_header=False)
+    table = Table(title=f"fgh encode → {display_path(out)}", show_header=False)
     table.add_column(justify="right")
     table.add_column()
     rows = [
         ("images", f"{summary.images} ({summary.encoded} encoded, {summary.reused} already indexed, "
                    f"{summary.removed} removed)"),
-        ("skipped", f"{len(summary.skipped)}" + (f" (listed in {out / SKIPPED_LOG})" if summary.skipped else "")),
+        ("skipped", f"{len(summary.skipped)}"
+         + (f" (listed in {display_path(out / SKIPPED_LOG)})" if summary.skipped else "")),
         ("bits", str(summary.bits)),
         ("index size", _human_bytes(summary.index_bytes)),
         ("elapsed", f"{summary.seconds:.1f} s"),
@@ -152,7 +172,7 @@ def encode(
     for key, value in rows:
         table.add_row(key, value)
     stdout.print(table)
-    err.print(f"Next: fgh query IMAGE.jpg --index {out}", soft_wrap=True)
+    err.print(f"Next: fgh query IMAGE.jpg --index {shlex.quote(display_path(out))}", soft_wrap=True)
 
 
 @app.command()
@@ -181,19 +201,19 @@ def query(
             from .report import write_html_report
 
             write_html_report(html, results, index=idx)
-            err.print(f"Report: {html}", soft_wrap=True)
+            err.print(f"Report: {display_path(html)}", soft_wrap=True)
     if as_json:
         _print_json({"schema_version": 1, "index": str(index), "bits": bits, "ntotal": total, "top_k": top_k,
                      "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]})
         return
     for result in results:
-        stdout.print(f"{result.query}: {len(result.hits)} hits of {total} ({bits} bits)", markup=False, soft_wrap=True)
+        stdout.print(f"{display_path(result.query)}: {len(result.hits)} hits of {total} ({bits} bits)", soft_wrap=True)
         table = Table()
         table.add_column("rank", justify="right")
         table.add_column("distance", justify="right")
         table.add_column("path", overflow="fold")
         for hit in result.hits:
-            table.add_row(str(hit.rank), str(hit.distance), hit.path)
+            table.add_row(str(hit.rank), str(hit.distance), display_path(hit.path))
         stdout.print(table)
 
 
@@ -203,26 +223,26 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise FghError(f"--option expects key=value, got {pair!r}")
+            raise FghError(f"--option expects key=value, got '{terminal_safe(pair)}'")
         try:
             options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             options[key] = value
     return options
 
 
 @app.command()
 def train(
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (splits.tsv, CUB-200-2011, or train/ + test/).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (splits.tsv, CUB-200-2011, train/ + test/, or one folder per class).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="adsh, a2net, semicon or agmh.")] = None,
     bits: Annotated[int | None, typer.Option("--bits", "-b", min=1)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/fgh"),
-    backbone: Annotated[str, typer.Option("--backbone")] = "resnet50",
-    preset: Annotated[str, typer.Option("--preset", help="paper (the papers' schedules) or fast.")] = "paper",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last completed iteration.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (with --resume: the run to continue, wherever it was first written).")] = Path("runs/fgh"),
+    backbone: Annotated[str | None, typer.Option("--backbone", help="resnet50 (default), resnet18 or efficientnet_lite0.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="paper (the papers' schedules, default) or fast.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last completed iteration (--iterations may extend it).")] = False,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local backbone weights instead of the ImageNet download.")] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights.")] = False,
-    input_size: Annotated[int, typer.Option("--input-size", min=32)] = 224,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=32, help="Square input size (default 224).")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", help="Model option key=value (e.g. num_parts=4).")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", min=1)] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
@@ -243,38 +263,46 @@ def train(
     trunk_cache_views: Annotated[int | None, typer.Option("--trunk-cache-views", min=0, help="With a frozen trunk: its output for this many augmented views per image, computed once (0: every pass).")] = None,
     crop_scale: Annotated[str | None, typer.Option("--crop-scale", help="RandomResizedCrop scale range, e.g. 0.08,1.")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction")] = None,
+    query_fraction: Annotated[float | None, typer.Option("--query-fraction", help="On a plain class-folder tree: the share of each class drawn as queries (default 0.2).")] = None,
     select_on: Annotated[str | None, typer.Option("--select-on", help="val, or query (the papers' test-set selection).")] = None,
     eval_every: Annotated[int | None, typer.Option("--eval-every", min=1)] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=0)] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
-    device: DeviceOption = "auto",
+    device: Annotated[str | None, typer.Option("--device", help="auto (default), cpu or cuda[:N].")] = None,
     amp: Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train a hashing model with ADSH asymmetric hashing (writes last.pt, best.pt, metrics.jsonl)."""
-    from train.config import TrainConfig, make_config
-    from train.trainer import CONFIG, train as run_training
+    from train.config import make_config, resume_config
+    from train.trainer import train as run_training
 
+    crop: tuple[float, ...] | None = None
+    if crop_scale is not None:
+        try:
+            crop = tuple(float(v) for v in crop_scale.split(","))
+        except ValueError:
+            raise FghError(f"--crop-scale expects two numbers separated by a comma (e.g. 0.08,1), "
+                           f"got '{terminal_safe(crop_scale)}'") from None
+    given = {
+        "data": None if data is None else str(data), "model": model, "bits": bits, "backbone": backbone,
+        "preset": preset, "pretrained": str(weights) if weights else (False if no_pretrained else None),
+        "input_size": input_size, "model_options": _parse_options(option) if option else None,
+        "iterations": iterations, "epochs": epochs, "num_samples": num_samples, "batch_size": batch_size, "lr": lr,
+        "lr_new": lr_new, "scale_hash_rate": scale_hash_rate, "optimizer": optimizer, "momentum": momentum,
+        "weight_decay": weight_decay, "lr_steps": list(_int_list(lr_steps, "--lr-steps")) if lr_steps else None,
+        "gamma": gamma, "aux_start": aux_start, "adl_weight": adl_weight, "nesterov": nesterov,
+        "freeze_trunk": freeze_trunk, "trunk_cache_views": trunk_cache_views, "crop_scale": crop,
+        "val_fraction": val_fraction, "query_fraction": query_fraction, "select_on": select_on,
+        "eval_every": eval_every, "workers": workers, "seed": seed, "device": device, "amp": amp,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
     if resume:
-        config_path = out / CONFIG
-        if not config_path.is_file():
-            raise FghError(f"{out}: nothing to resume (no {CONFIG})")
-        config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+        config = resume_config(out, given)
     else:
-        if data is None or model is None or bits is None:
-            raise FghError("fgh train needs --data, --model and --bits (or --resume --out RUN)")
-        pretrained: bool | str = str(weights) if weights else not no_pretrained
-        config = make_config(
-            preset, data=str(data), model=model, bits=bits, out=str(out), backbone=backbone, pretrained=pretrained,
-            input_size=input_size, model_options=_parse_options(option), iterations=iterations, epochs=epochs,
-            num_samples=num_samples, batch_size=batch_size, lr=lr, lr_new=lr_new, scale_hash_rate=scale_hash_rate, optimizer=optimizer,
-            momentum=momentum, weight_decay=weight_decay, trunk_cache_views=trunk_cache_views,
-            lr_steps=[int(v) for v in lr_steps.split(",") if v] if lr_steps else None, gamma=gamma,
-            aux_start=aux_start, adl_weight=adl_weight,
-            nesterov=nesterov, freeze_trunk=freeze_trunk,
-            crop_scale=tuple(float(v) for v in crop_scale.split(",")) if crop_scale else None,
-            val_fraction=val_fraction, select_on=select_on, eval_every=eval_every, workers=workers, seed=seed,
-            device=device, amp=amp)
+        missing = [f"--{name}" for name in ("data", "model", "bits") if name not in given]
+        if missing:
+            raise FghError(f"fgh train needs {', '.join(missing)} (or --resume --out RUN)")
+        config = make_config(given.pop("preset", "paper"), out=str(out), **given)
     result = run_training(config, resume=resume, progress=None if not as_json else False)
     if not result.is_main:
         return
@@ -285,8 +313,8 @@ def train(
         _print_json(payload)
         return
     err.print(f"Done in {result.seconds:.0f} s: best mAP {result.best_map:.4f} on {result.selected_on} at iteration "
-              f"{result.best_iteration + 1}; checkpoints in {result.out}", soft_wrap=True)
-    err.print(f"Next: fgh eval {result.out / 'best.pt'}", soft_wrap=True)
+              f"{result.best_iteration + 1}; checkpoints in {display_path(result.out)}", soft_wrap=True)
+    err.print(f"Next: fgh eval {shlex.quote(display_path(result.out / 'best.pt'))}", soft_wrap=True)
 
 
 @app.command(name="eval")
@@ -314,9 +342,8 @@ def eval_(
     for name, label in columns.items():
         if name in report.get("baselines", {}):
             protocols[label] = report["baselines"][name]
-    stdout.print(f"fgh eval {checkpoint}: {report['model']['model']} {report['model']['bits']} bits, "
-                 f"{report['data']['query']} queries × {report['data']['database']} database", soft_wrap=True,
-                 markup=False)
+    stdout.print(f"fgh eval {display_path(checkpoint)}: {report['model']['model']} {report['model']['bits']} bits, "
+                 f"{report['data']['query']} queries × {report['data']['database']} database", soft_wrap=True)
     table = Table()
     table.add_column("metric")
     for name in protocols:
@@ -441,10 +468,10 @@ def demo(
                  f"{result.database} database images, {result.model} {result.bits} bits", soft_wrap=True)
     stdout.print("Stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()), soft_wrap=True)
     for name, path in result.artifacts.items():
-        stdout.print(f"  {name:10s} {path}", soft_wrap=True, markup=False)
+        stdout.print(f"  {name:10s} {display_path(path)}", soft_wrap=True)
     stdout.print("Next:", soft_wrap=True)
     for command in result.next_commands:
-        stdout.print(f"  {command}", soft_wrap=True, markup=False)
+        stdout.print(f"  {terminal_safe(command)}", soft_wrap=True)
 
 
 bench_app = typer.Typer(help="Benchmarks: engine latency, search vs FAISS, end-to-end encode.", no_args_is_help=True)
@@ -480,7 +507,7 @@ def bench_engine_cmd(
     if as_json:
         _print_json(report)
         return
-    stdout.print(f"fgh bench engine {engine} ({report['engine']['kind']})", soft_wrap=True, markup=False)
+    stdout.print(f"fgh bench engine {display_path(engine)} ({report['engine']['kind']})", soft_wrap=True)
     table = Table()
     for column in ("batch", "p50 ms", "p95 ms", "p99 ms", "images/s"):
         table.add_column(column, justify="right")
@@ -574,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="fgh")
     except FghError as exc:
-        err.print(f"fgh: error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"fgh: error: {terminal_safe(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("fgh: interrupted")

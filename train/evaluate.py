@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from engines.torch_engine import resolve_device
 from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
@@ -68,6 +69,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
         A JSON-serialisable dict (``schema_version`` 1) with one metrics dict per protocol,
         and with ``baselines`` a ``baselines`` dict (``lsh``, ``itq``, ``cosine``).
     """
+    resolved = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     train_config = ckpt.extra.get("train_config")
     train_config = train_config if isinstance(train_config, dict) else {}
@@ -80,8 +82,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     if classes is not None and list(classes) != dataset.classes:
         raise FghError(f"{display_path(checkpoint)}: trained on {len(classes)} classes that differ from the "
                        f"{len(dataset.classes)} classes of {display_path(data)}")
-    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            ("cpu" if device == "auto" else device))
     model = ckpt.build_model(resolved)
     encode = lambda samples: encode_samples(model, samples, dataset.root, resolved, workers=workers)  # noqa: E731
     query_codes = encode(dataset.query)
