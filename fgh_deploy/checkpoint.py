@@ -58,7 +58,10 @@ class Checkpoint:
         """The model with these weights, in eval mode."""
         from .models import build_model_from_config
 
-        model = build_model_from_config(self.config, self.preprocess)
+        try:
+            model = build_model_from_config(self.config, self.preprocess)
+        except ValueError as exc:
+            raise FghError(f"{display_path(self.path)}: {exc}") from None
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as exc:

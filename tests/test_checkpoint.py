@@ -171,3 +171,22 @@ def test_damaged_fields_are_one_line(saved: Path, edit, reason: str) -> None:
     with pytest.raises(fgh.FghError) as info:
         fgh.load_checkpoint(saved)
     assert str(info.value).startswith(f"{saved}: ") and reason in str(info.value)
+
+
+@pytest.mark.parametrize("value, reason", [
+    (10**8, "a2net: num_parts must be in 1..256, got 100000000"),
+    ("4", "a2net: option num_parts must be int (like 4), got '4'"),
+    (True, "a2net: option num_parts must be int (like 4), got True"),
+])
+def test_model_options_from_a_file_are_bounded_and_typed(tmp_path: Path, value, reason: str) -> None:
+    path = fgh.save_checkpoint(fgh.build_model("a2net", 16, backbone="resnet18", input_size=64), tmp_path / "a2.pt")
+
+    def edit(payload):
+        payload["config"]["options"]["num_parts"] = value
+        payload["fingerprint"] = fgh.checkpoint.fingerprint(
+            fgh.HashConfig(**payload["config"]), fgh.PreprocessConfig(**payload["preprocess"]), payload["state_dict"])
+
+    _rewrite(path, edit)
+    with pytest.raises(fgh.FghError) as info:
+        fgh.load_checkpoint(path).build_model()
+    assert str(info.value) == f"{path}: {reason}"

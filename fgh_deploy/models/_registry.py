@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..backbones import PretrainedArg, backbone_normalization, build_backbone, list_backbones
 from ..config import HashConfig, PreprocessConfig
+from ..display import terminal_safe
 from ._base import HashModel
 
 
@@ -60,7 +62,25 @@ def resolve_options(name: str, options: dict[str, Any]) -> Any:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known)) or 'none'}")
+    defaults = entry.options()
+    for key, value in options.items():
+        _check_option_type(name, key, value, getattr(defaults, key))
     return entry.options(**options)
+
+
+def _check_option_type(model: str, key: str, value: Any, default: Any) -> None:
+    """Options come from the command line and from files: each must have its field's type."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{model}: option {key} must be {type(default).__name__} "
+                         f"(like {default!r}), got {terminal_safe(repr(value))[:60]}")
 
 
 def build_model_from_config(config: HashConfig, preprocess: PreprocessConfig | None = None,

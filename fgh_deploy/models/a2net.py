@@ -23,6 +23,10 @@ from ._registry import register_model
 from .layers import AttentionHead, RefineStage, SlimAttentionStack, global_pool
 
 
+#: Most attention maps: M = bits (the A²-Net++ code's choice) up to 256-bit codes.
+MAX_PARTS = 256
+
+
 @dataclass(frozen=True)
 class A2NetOptions:
     """Args:
@@ -36,8 +40,9 @@ class A2NetOptions:
     normalize_parts: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_parts < 1:
-            raise ValueError(f"a2net: num_parts must be ≥ 1, got {self.num_parts}")
+        # Bounded because options also come from files: a hostile num_parts must not exhaust memory.
+        if not 1 <= self.num_parts <= MAX_PARTS:
+            raise ValueError(f"a2net: num_parts must be in 1..{MAX_PARTS}, got {self.num_parts}")
 
 
 @register_model("a2net", options=A2NetOptions, summary="M attention parts + global, tied decoder (training)",

@@ -83,8 +83,10 @@ class AGMHOptions:
     dilate_last_stage: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_branches < 1 or self.branch_channels < 1:
-            raise ValueError("agmh: num_branches and branch_channels must be ≥ 1")
+        # Bounded because options also come from files: hostile sizes must not exhaust memory.
+        if not 1 <= self.num_branches <= 64 or not 1 <= self.branch_channels <= 4096:
+            raise ValueError(f"agmh: num_branches must be in 1..64 and branch_channels in 1..4096, "
+                             f"got {self.num_branches} and {self.branch_channels}")
 
 
 @register_model("agmh", options=AGMHOptions, summary="stride-1 stage, 6 descriptor branches, SIEA (training)",
