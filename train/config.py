@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fgh_deploy.backbones import list_backbones
-from fgh_deploy.config import MAX_BITS, MAX_INPUT_SIZE
+from fgh_deploy.config import MAX_BITS, MAX_INPUT_SIZE, parse_json_object
 from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import list_models, model_entry
@@ -315,16 +315,9 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     if not raw.strip():
         raise FghError(f"{where}: empty; the run's configuration is lost (start a new run)")
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise FghError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    except RecursionError:
-        raise FghError(f"{where}: nested too deeply; not a config written by fgh train") from None
-    except ValueError as exc:
-        raise FghError(f"{where}: not valid JSON ({terminal_safe(str(exc))[:120]})") from None
-    if not isinstance(data, dict):
-        raise FghError(f"{where}: a JSON {type(data).__name__}, not an object; not a config written by fgh train")
-    return data
+        return parse_json_object(raw, "it")
+    except FghError as exc:
+        raise FghError(f"{where}: {exc}; not a config written by fgh train") from None
 
 
 def _same_value(name: str, given: Any, recorded: Any) -> bool:
