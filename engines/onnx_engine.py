@@ -36,7 +36,7 @@ def read_verified_model(path: Path) -> tuple[bytes, dict[str, Any], PreprocessCo
     import onnx
     from google.protobuf.message import DecodeError
 
-    from export.onnx import DIGEST_KEY, graph_digest, metadata_of
+    from fgh_deploy.export.onnx import DIGEST_KEY, graph_digest, metadata_of
 
     shown = display_path(path)
     try:

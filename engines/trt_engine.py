@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.tensorrt import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
+from fgh_deploy.export.tensorrt import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
                              read_engine_header, read_verified_plan)
 from fgh_deploy.config import HashConfig, PreprocessConfig
 from fgh_deploy.display import display_path, terminal_safe

@@ -89,7 +89,7 @@ def _onnx_stage(model: torch.nn.Module, path: Path, metadata: dict[str, Any], la
 def _ort_parity(path: Path, images: torch.Tensor, reference, name: str, min_agreement: float) -> ParityReport:
     import onnxruntime as ort
 
-    from engines.onnx_engine import OnnxEngine
+    from fgh_deploy.engines.onnx_engine import OnnxEngine
 
     engine = OnnxEngine(path)
     codes = engine.encode(images)
@@ -190,7 +190,7 @@ def _trt_stage(ckpt, checkpoint: Path, onnx_fp32: Path, onnx_for_engine: Path, o
                images: torch.Tensor, reference, source: str, precision: str, batch: tuple[int, int, int],
                workspace_gib: float, optimization_level: int, dla_core: int | None,
                timing_cache: str | os.PathLike | None, min_agreement: float) -> tuple[Path, ParityReport]:
-    from engines.trt_engine import TensorRTEngine
+    from fgh_deploy.engines.trt_engine import TensorRTEngine
 
     from .tensorrt import api_family, build_engine, engine_file_name, import_tensorrt
 

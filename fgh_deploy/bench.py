@@ -27,7 +27,7 @@ from .errors import FghError
 from .search import HammingSearcher
 
 if TYPE_CHECKING:
-    from engines.base import Engine
+    from fgh_deploy.engines.base import Engine
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,7 @@ def encode(
     as_json: JsonOption = False,
 ) -> None:
     """Encode an image folder into packed bit codes (resumable; unreadable images are skipped and listed)."""
-    from engines import load_engine
+    from fgh_deploy.engines import load_engine
 
     from .encode import SKIPPED_LOG, encode_folder
 
@@ -189,7 +189,7 @@ def query(
     as_json: JsonOption = False,
 ) -> None:
     """Find the nearest images by exact Hamming distance (ties: database order)."""
-    from engines import load_engine
+    from fgh_deploy.engines import load_engine
 
     from .index import CodeIndex
     from .query import TIE_RULE, default_engine_path, search_images
@@ -273,8 +273,8 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Train a hashing model with ADSH asymmetric hashing (writes last.pt, best.pt, metrics.jsonl)."""
-    from train.config import make_config, resume_config
-    from train.trainer import train as run_training
+    from fgh_deploy.train.config import make_config, resume_config
+    from fgh_deploy.train.trainer import train as run_training
 
     crop: tuple[float, ...] | None = None
     if crop_scale is not None:
@@ -330,7 +330,7 @@ def eval_(
     as_json: JsonOption = False,
 ) -> None:
     """mAP and precision of a checkpoint: the papers' asymmetric protocol and the deployed one."""
-    from train.evaluate import evaluate_checkpoint
+    from fgh_deploy.train.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint, data, topks=tuple(top_k or (100, 1000)), radius=radius,
                                  device=device, workers=workers, baselines=baselines)
@@ -385,7 +385,7 @@ def export_(
     as_json: JsonOption = False,
 ) -> None:
     """Export a checkpoint to ONNX (and FP16 ONNX, TensorRT), checking codes against PyTorch."""
-    from export.pipeline import export_checkpoint
+    from fgh_deploy.export.pipeline import export_checkpoint
 
     if precision not in ("fp16", "fp32"):
         raise FghError(f"--precision must be fp16 or fp32, got {precision!r}")
@@ -498,7 +498,7 @@ def bench_engine_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Latency p50/p95/p99 and images/s per batch size."""
-    from engines import load_engine
+    from fgh_deploy.engines import load_engine
 
     from .bench import bench_engine
 
@@ -569,7 +569,7 @@ def bench_encode_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """End-to-end encode images/s with the time breakdown (decode wait, engine, pack, write)."""
-    from engines import load_engine
+    from fgh_deploy.engines import load_engine
 
     from .bench import bench_encode
 

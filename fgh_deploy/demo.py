@@ -73,12 +73,12 @@ def run_demo(out: str | os.PathLike = "fgh-demo", *, data: str | os.PathLike | N
     """
     import shutil
 
-    from engines.onnx_engine import OnnxEngine
-    from export.pipeline import export_checkpoint
-    from train.config import make_config
-    from train.data import load_dataset
-    from train.metrics import evaluate_retrieval
-    from train.trainer import train
+    from fgh_deploy.engines.onnx_engine import OnnxEngine
+    from fgh_deploy.export.pipeline import export_checkpoint
+    from fgh_deploy.train.config import make_config
+    from fgh_deploy.train.data import load_dataset
+    from fgh_deploy.train.metrics import evaluate_retrieval
+    from fgh_deploy.train.trainer import train
 
     from .demo_data import demo_dataset_path
     from .encode import encode_folder

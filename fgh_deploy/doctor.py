@@ -83,7 +83,7 @@ def _ort_report() -> dict[str, Any]:
 
 def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
     try:
-        from export.tensorrt import api_family, import_tensorrt
+        from fgh_deploy.export.tensorrt import api_family, import_tensorrt
 
         trt = import_tensorrt()
     except Exception as exc:  # BackendUnavailableError, or a broken install's ImportError/OSError

@@ -41,7 +41,7 @@ from .images import IMAGE_EXTENSIONS, ImageBatchLoader, scan_images
 from .index import SKIPPED_LOG, CodeIndex
 
 if TYPE_CHECKING:
-    from engines.base import Engine
+    from fgh_deploy.engines.base import Engine
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from .images import load_image
 from .index import CodeIndex
 
 if TYPE_CHECKING:
-    from engines.base import Engine
+    from fgh_deploy.engines.base import Engine
 
 TIE_RULE = "distance, then database order"
 

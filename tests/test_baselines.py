@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.baselines import cosine_retrieval, evaluate_baselines, itq_projection, lsh_projection, project_codes
-from train.dcc import sign_plus
-from train.metrics import evaluate_retrieval
+from fgh_deploy.train.baselines import cosine_retrieval, evaluate_baselines, itq_projection, lsh_projection, project_codes
+from fgh_deploy.train.dcc import sign_plus
+from fgh_deploy.train.metrics import evaluate_retrieval
 
 
 def _clusters(classes: int = 8, per_class: int = 30, dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import fgh_deploy as fgh
-from engines import load_engine
+from fgh_deploy.engines import load_engine
 from fgh_deploy import bench, search
 from fgh_deploy.errors import FghError
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from fgh_deploy.config import PreprocessConfig
 from fgh_deploy.errors import FghError
 from fgh_deploy.images import ImageDecodeError, load_image
-from train.data import (
+from fgh_deploy.train.data import (
     HashingDataset,
     LabeledImageDataset,
     Sample,
@@ -205,7 +205,7 @@ def test_class_folders_are_split_per_class_by_seed(tmp_path: Path) -> None:
 
 
 def test_class_folder_split_round_trips_through_splits_tsv(tmp_path: Path) -> None:
-    from train.data import splits_tsv
+    from fgh_deploy.train.data import splits_tsv
 
     _class_folders(tmp_path / "data", {"a": 4, "b": 4})
     drawn = load_dataset(tmp_path / "data", split_seed=1, query_fraction=0.5)

@@ -22,7 +22,7 @@ from fgh_deploy.demo_data import (
     render_bird,
 )
 from fgh_deploy.errors import FghError
-from train.data import load_dataset
+from fgh_deploy.train.data import load_dataset
 
 # Small enough to generate in well under a second, big enough to have both splits per class.
 SMALL = {"classes": 6, "per_class": 6, "size": 96}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fgh_deploy as fgh
-from engines import load_engine
+from fgh_deploy.engines import load_engine
 from fgh_deploy.encode import SKIPPED_LOG, encode_folder
 from fgh_deploy.images import LINK_NOT_FOLLOWED
 from fgh_deploy.index import CodeIndex
@@ -152,7 +152,7 @@ def _cli(*args: str) -> subprocess.Popen:
 
 def _encode_process(folder: Path, model: Path, out: Path) -> subprocess.Popen:
     # Commit after every batch of 2, so the kill lands between commits of a run still in progress.
-    code = ("import sys; from engines import load_engine; from fgh_deploy.encode import encode_folder\n"
+    code = ("import sys; from fgh_deploy.engines import load_engine; from fgh_deploy.encode import encode_folder\n"
             "with load_engine(sys.argv[2]) as e:\n"
             "    encode_folder(sys.argv[1], e, sys.argv[3], batch_size=2, workers=0, progress=False, commit_seconds=0)")
     return subprocess.Popen([sys.executable, "-c", code, str(folder), str(model), str(out)], cwd=ROOT,

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import fgh_deploy as fgh
-from engines import load_engine
+from fgh_deploy.engines import load_engine
 from fgh_deploy import images as images_module
 from fgh_deploy.config import PreprocessConfig
 from fgh_deploy.encode import encode_folder

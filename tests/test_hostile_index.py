@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fgh_deploy as fgh
-from engines import load_engine
+from fgh_deploy.engines import load_engine
 from fgh_deploy.encode import SKIPPED_LOG, encode_folder
 from fgh_deploy.errors import FghError
 from fgh_deploy.index import CodeIndex
@@ -417,7 +417,7 @@ def test_encode_through_a_linked_lock_is_one_line_and_harms_nothing(photos: Path
 DISK_FULL_ENCODE = textwrap.dedent("""
     import resource, signal, sys
     from fgh_deploy.cli import main
-    import engines.torch_engine  # imported before the limit: nothing but the index is written under it
+    import fgh_deploy.engines.torch_engine  # imported before the limit: nothing but the index is written under it
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
     limit = int(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

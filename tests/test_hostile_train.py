@@ -15,9 +15,9 @@ from PIL import Image
 
 import fgh_deploy as fgh
 from fgh_deploy.cli import main
-from train.config import make_config, resume_config
-from train.evaluate import evaluate_checkpoint
-from train.trainer import BEST, CONFIG, LAST, METRICS, SPLITS
+from fgh_deploy.train.config import make_config, resume_config
+from fgh_deploy.train.evaluate import evaluate_checkpoint
+from fgh_deploy.train.trainer import BEST, CONFIG, LAST, METRICS, SPLITS
 
 TINY = ["--model", "adsh", "--bits", "8", "--backbone", "resnet18", "--no-pretrained", "--input-size", "32",
         "--preset", "fast", "--epochs", "1", "--num-samples", "8", "--batch-size", "4", "--workers", "0",

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-import train.metrics as metrics
+import fgh_deploy.train.metrics as metrics
 from fgh_deploy.bits import pack_codes
-from train.metrics import (
+from fgh_deploy.train.metrics import (
     TIE_RULES,
     evaluate_retrieval,
     hamming_rank,

@@ -337,7 +337,7 @@ def test_real_images_global_branch_keeps_the_pretrained_retrieval_quality(cub100
     below (0.599 vs 0.677), AGMH's undilated stride-1 stage 27 points (0.41).
     """
     from fgh_deploy.images import load_image
-    from train.data import load_dataset
+    from fgh_deploy.train.data import load_dataset
 
     dataset = load_dataset(cub100)
     by_class: dict[int, list] = {}

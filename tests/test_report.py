@@ -23,7 +23,7 @@ from fgh_deploy.demo_data import generate_demo_dataset
 from fgh_deploy.index import CodeIndex
 from fgh_deploy.query import TIE_RULE, QueryResult, search_codes
 from fgh_deploy.report import label_from_path, query_label, write_html_report
-from train.data import load_dataset
+from fgh_deploy.train.data import load_dataset
 
 BITS = 12
 NASTY = 'we<i>rd & "quoted" \'name\'.jpg'

@@ -22,9 +22,9 @@ import torch
 from onnx import TensorProto, helper
 
 import fgh_deploy as fgh
-from engines.trt_engine import TensorRTEngine
-from export.onnx import export_onnx
-from export.tensorrt import (HEADER_KEYS, INSTALL_HINT, MAGIC, api_family_for, build_engine, check_engine_compatible,
+from fgh_deploy.engines.trt_engine import TensorRTEngine
+from fgh_deploy.export.onnx import export_onnx
+from fgh_deploy.export.tensorrt import (HEADER_KEYS, INSTALL_HINT, MAGIC, api_family_for, build_engine, check_engine_compatible,
                              engine_digest, engine_file_name, onnx_float_precision, read_engine_header,
                              read_verified_plan, write_engine)
 from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
@@ -276,7 +276,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """An ADSH-32 model, its ONNX files, and an FP32 and an FP16 engine sharing one timing cache."""
     import tensorrt as trt
 
-    from export.tensorrt import api_family
+    from fgh_deploy.export.tensorrt import api_family
 
     root = tmp_path_factory.mktemp("trt")
     torch.manual_seed(0)
@@ -286,7 +286,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     family = api_family(trt)
     if family == 11:
         # Strongly typed: the FP16 engine is built from the FP16 graph.
-        from export.onnx import HalfPrecisionModel
+        from fgh_deploy.export.onnx import HalfPrecisionModel
 
         onnx16 = export_onnx(HalfPrecisionModel(model).to("cuda"), root / "adsh32.fp16.onnx", metadata=meta)
     else:
@@ -340,7 +340,7 @@ def test_fp16_engine_bit_agreement(built: SimpleNamespace) -> None:
 
 @requires_tensorrt
 def test_engine_header_records_the_build(built: SimpleNamespace) -> None:
-    from export.tensorrt import cuda_device_info
+    from fgh_deploy.export.tensorrt import cuda_device_info
 
     header, _ = read_engine_header(built.engines["fp16"])
     gpu_name, cc = cuda_device_info()

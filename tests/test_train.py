@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 
 import fgh_deploy as fgh
-from train.config import make_config
-from train.dcc import sign_plus, update_database_codes
-from train.evaluate import evaluate_checkpoint
-from train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
-from train import trainer as trainer_module
-from train.trainer import BEST, LAST, METRICS, SPLITS, distinct_codes, train
+from fgh_deploy.train.config import make_config
+from fgh_deploy.train.dcc import sign_plus, update_database_codes
+from fgh_deploy.train.evaluate import evaluate_checkpoint
+from fgh_deploy.train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
+from fgh_deploy.train import trainer as trainer_module
+from fgh_deploy.train.trainer import BEST, LAST, METRICS, SPLITS, distinct_codes, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_eval_reports_both_protocols(tiny_data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", fgh.list_models())
 def test_each_model_has_its_loss_terms_on_a_fixed_batch(name: str) -> None:
-    from train.losses import training_losses
+    from fgh_deploy.train.losses import training_losses
 
     torch.manual_seed(0)
     model = fgh.build_model(name, 12, backbone="resnet18", input_size=32).train()
@@ -255,7 +255,7 @@ def test_a_class_folder_tree_is_split_by_seed_and_the_split_kept_in_the_run(
         tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     photos = tmp_path / "photos"  # the same images as class folders only, without a split
     shutil.copytree(tiny_data, photos, ignore=shutil.ignore_patterns("splits.tsv"))
-    with caplog.at_level("INFO", logger="train.trainer"):
+    with caplog.at_level("INFO", logger="fgh_deploy.train.trainer"):
         train(_config(photos, tmp_path / "a", model="adsh", iterations=1), progress=False)
     written = tmp_path / "a" / SPLITS
     assert (f"split 32 images of 4 classes: 24 database / 8 query (seed 7), written to {written}"
@@ -284,7 +284,7 @@ def test_collapsed_codes_are_reported(tiny_data: Path, tmp_path: Path, monkeypat
     # The network stands in for one that collapsed: every validation image gets the same code.
     monkeypatch.setattr(trainer_module, "encode_samples",
                         lambda model, samples, *args, **kwargs: torch.full((len(samples), 12), 0.5))
-    with caplog.at_level("WARNING", logger="train.trainer"):
+    with caplog.at_level("WARNING", logger="fgh_deploy.train.trainer"):
         train(_config(tiny_data, tmp_path / "run", model="adsh", iterations=1, lr=0.5), progress=False)
     record = json.loads((tmp_path / "run" / METRICS).read_text().splitlines()[-1])
     assert record["distinct_codes"] == 1
@@ -309,8 +309,8 @@ def test_presets_set_both_rates_and_every_value_can_be_overridden(tmp_path: Path
 # --- the frozen trunk computed once: trunk cache --------------------------------------------------
 
 def test_trunk_cache_holds_the_trunk_of_each_seeded_view(tiny_data: Path) -> None:
-    from train.data import LabeledImageDataset, load_dataset
-    from train.trunk_cache import _SeededViews, build_trunk_cache
+    from fgh_deploy.train.data import LabeledImageDataset, load_dataset
+    from fgh_deploy.train.trunk_cache import _SeededViews, build_trunk_cache
 
     torch.manual_seed(0)
     model = fgh.build_model("adsh", 12, backbone="resnet18", input_size=32).to(memory_format=torch.channels_last)
@@ -335,7 +335,7 @@ def test_trunk_cache_holds_the_trunk_of_each_seeded_view(tiny_data: Path) -> Non
 
 
 def test_trunk_cache_views_shrink_to_the_memory_limit() -> None:
-    from train.trunk_cache import views_that_fit
+    from fgh_deploy.train.trunk_cache import views_that_fit
 
     assert views_that_fit(4, images=1000, map_bytes=1000, limit_gb=1.0) == 4
     assert views_that_fit(4, images=1000, map_bytes=400_000, limit_gb=1.0) == 2
@@ -357,7 +357,7 @@ def test_a_trunk_cache_needs_a_frozen_trunk(tiny_data: Path, tmp_path: Path) -> 
 
 def test_parameter_groups_train_at_their_own_rates(tiny_data: Path, tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="train.trainer"):
+    with caplog.at_level("INFO", logger="fgh_deploy.train.trainer"):
         train(_config(tiny_data, tmp_path / "g", model="semicon", iterations=1, lr=2e-3, lr_new=3e-2,
                       freeze_trunk=True), progress=False)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("parameter groups"))
@@ -369,7 +369,7 @@ def test_parameter_groups_train_at_their_own_rates(tiny_data: Path, tmp_path: Pa
 
 def test_wide_hash_layers_train_at_a_scaled_rate(tiny_data: Path, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="train.trainer"):
+    with caplog.at_level("INFO", logger="fgh_deploy.train.trainer"):
         train(_config(tiny_data, tmp_path / "s", model="a2net", iterations=1, lr_new=1e-2), progress=False)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("parameter groups"))
     assert "hash" in line and "lr-new × 0.20" in line

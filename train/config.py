@@ -114,7 +114,7 @@ class TrainConfig:
         problem = next(self._problems(), None)
         if problem is not None:
             raise FghError(f"{where}: {problem}")
-        from engines.torch_engine import resolve_device
+        from fgh_deploy.engines.torch_engine import resolve_device
 
         resolve_device(self.device)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from engines.torch_engine import resolve_device
+from fgh_deploy.engines.torch_engine import resolve_device
 from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError

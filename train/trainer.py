@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from engines.torch_engine import resolve_device
+from fgh_deploy.engines.torch_engine import resolve_device
 from fgh_deploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
