@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import fgh_deploy as fgh  # noqa: E402
+from fgh_deploy.bench import bench_engine  # noqa: E402
 from fgh_deploy.engines import load_engine  # noqa: E402
 from fgh_deploy.export import export_onnx  # noqa: E402
-from fgh_deploy.bench import bench_engine  # noqa: E402
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from fgh_deploy.config import PreprocessConfig
-from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
+from fgh_deploy.utils import display_path
 
 
 class Engine(abc.ABC):

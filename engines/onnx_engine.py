@@ -10,11 +10,10 @@ import numpy as np
 import torch
 
 from fgh_deploy.config import HashConfig, PreprocessConfig
-from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import FghError
+from fgh_deploy.utils import check_device, display_path, terminal_safe
 
 from .base import Engine
-from .torch_engine import check_device
 
 log = logging.getLogger(__name__)
 

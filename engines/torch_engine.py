@@ -10,45 +10,12 @@ import numpy as np
 import torch
 
 from fgh_deploy.checkpoint import load_checkpoint
-from fgh_deploy.display import terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.utils import resolve_device, terminal_safe
 
 from .base import Engine
 
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,4})?")
-
-
-def check_device(device: str) -> str:
-    """``device`` when it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, the forms every command accepts.
-
-    Raises:
-        FghError: anything else, in one line naming ``--device``.
-    """
-    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise FghError(f"--device: expected auto, cpu or cuda[:N], got {terminal_safe(repr(device))[:80]}")
-    return device
-
-
-def resolve_device(device: str) -> torch.device:
-    """The torch device for a ``--device`` value: ``auto`` → CUDA when available, else CPU.
-
-    The one place device strings are checked; an explicit CUDA request must be satisfiable here.
-
-    Raises:
-        FghError: not one of :func:`check_device`'s forms, or a CUDA index this machine lacks.
-        BackendUnavailableError: CUDA requested but not available.
-    """
-    check_device(device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(f"--device {device}: CUDA is not available here")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise FghError(f"--device {device}: no such CUDA device ({torch.cuda.device_count()} visible)")
-    return resolved
 
 
 class TorchEngine(Engine):

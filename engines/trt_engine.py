@@ -20,11 +20,10 @@ import torch
 from fgh_deploy.export.tensorrt import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
                              read_engine_header, read_verified_plan)
 from fgh_deploy.config import HashConfig, PreprocessConfig
-from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.utils import check_device, display_path, resolve_device, terminal_safe
 
 from .base import Engine
-from .torch_engine import check_device, resolve_device
 
 log = logging.getLogger(__name__)
 

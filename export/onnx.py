@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from fgh_deploy.config import parse_json_object
-from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
+from fgh_deploy.utils import display_path
 
 log = logging.getLogger(__name__)
 

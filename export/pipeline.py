@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from fgh_deploy.backbones import file_sha256
 from fgh_deploy.checkpoint import load_checkpoint
-from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.utils import display_path, sha256_file, terminal_safe
+from fgh_deploy.version import __version__
 
 from .calibration import calibration_images
 from .onnx import INPUT_NAME, MAX_BATCH, ONNX_OPSET, OUTPUT_NAME, HalfPrecisionModel, export_onnx
@@ -56,7 +56,6 @@ def _mb(path: Path) -> str:
 
 
 def _onnx_metadata(ckpt, checkpoint: Path, precision: str) -> dict[str, Any]:
-    from fgh_deploy import __version__
 
     size = ckpt.preprocess.input_size
     return {
@@ -66,7 +65,7 @@ def _onnx_metadata(ckpt, checkpoint: Path, precision: str) -> dict[str, Any]:
         "preprocess": ckpt.preprocess.to_dict(),
         "fingerprint": ckpt.fingerprint,
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
         "precision": precision,
         "opset": ONNX_OPSET,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", 3, size, size]},
@@ -205,7 +204,7 @@ def _trt_stage(ckpt, checkpoint: Path, onnx_fp32: Path, onnx_for_engine: Path, o
     source_onnx = onnx_for_engine if (family >= 11 and precision == "fp16") else onnx_fp32
     rebuild = (f"fgh export {shlex.quote(str(checkpoint))} --trt --batch {','.join(map(str, batch))}"
                + (f" --dla-core {dla_core}" if dla_core is not None else ""))
-    header = {**_onnx_metadata(ckpt, checkpoint, precision), "onnx_sha256": file_sha256(source_onnx),
+    header = {**_onnx_metadata(ckpt, checkpoint, precision), "onnx_sha256": sha256_file(source_onnx),
               "rebuild": rebuild}
     tick = time.perf_counter()
     build_engine(source_onnx, engine_path, precision=precision, batch=batch, workspace_gib=workspace_gib,

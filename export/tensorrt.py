@@ -45,11 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fgh_deploy import __version__ as FGH_VERSION
-from fgh_deploy.checkpoint import atomic_write
 from fgh_deploy.config import HashConfig, PreprocessConfig, parse_json_object
-from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
+from fgh_deploy.utils import atomic_write, display_path, sha256_file, terminal_safe
+from fgh_deploy.version import __version__ as FGH_VERSION
 
 from .onnx import DIGEST_KEY, INPUT_NAME, MAX_BATCH, OUTPUT_NAME
 
@@ -384,14 +383,6 @@ def cuda_device_info(device: Any = None) -> tuple[str, str]:
     return props.name, f"{props.major}.{props.minor}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dtype_name(trt: ModuleType, dtype: Any) -> str:
     """A TensorRT DataType as a numpy-style name (``uint8``, ``float32``, ``float16``)."""
     return np.dtype(trt.nptype(dtype)).name
@@ -644,7 +635,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         "input": {"name": inp.name, "dtype": dtype_name(trt, inp.dtype)},
         "output": {"name": out.name, "dtype": dtype_name(trt, out.dtype)},
         "input_shape": list(sample),
-        "onnx_sha256": _sha256(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
     }
     write_engine(engine_path, full_header, plan)
     log(f"TensorRT: build success {elapsed:.1f}s, saved as '{engine_path}' "

@@ -6,18 +6,12 @@
 >>> fgh_deploy.save_checkpoint(model, "semicon48.pt")
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("fgh")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
-
 from .backbones import build_backbone, list_backbones
 from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from .config import HashConfig, PreprocessConfig
 from .errors import FghError
 from .models import HashModel, build_model, build_model_from_config, list_models
+from .version import __version__
 
 __all__ = [
     "Checkpoint",

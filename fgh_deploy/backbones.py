@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import FghError
+from .utils import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +245,6 @@ def _build_efficientnet_lite0(pretrained: PretrainedArg) -> Backbone:
 # Shared loading and the registry
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_local(net: nn.Module, path: Path, arch: str,
                 to_net_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
                 label: str | None = None) -> str:
@@ -273,7 +266,7 @@ def _load_local(net: nn.Module, path: Path, arch: str,
         first = str(exc).strip().splitlines()
         reason = " ".join(line.strip() for line in first[:3])
         raise FghError(f"{path}: does not match {arch} ({reason[:300]})") from exc
-    return f"{label or 'file'}:{path.name} sha256:{file_sha256(path)[:16]}"
+    return f"{label or 'file'}:{path.name} sha256:{sha256_file(path)[:16]}"
 
 
 _BACKBONES: dict[str, Callable[[PretrainedArg], Backbone]] = {

@@ -23,7 +23,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ from typing import Any
 import torch
 
 from .config import HashConfig, PreprocessConfig
-from .display import display_path, terminal_safe
 from .errors import FghError
+from .utils import atomic_write, display_path, terminal_safe
+from .version import __version__
 
 FORMAT = "fgh-checkpoint"
 FORMAT_VERSION = 2
@@ -97,7 +97,6 @@ def save_checkpoint(model: "HashModel", path: str | os.PathLike, *,  # noqa: F82
     Returns:
         The path written.
     """
-    from . import __version__
 
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -120,30 +119,6 @@ def save_checkpoint(model: "HashModel", path: str | os.PathLike, *,  # noqa: F82
     }
     atomic_write(path, lambda f: torch.save(payload, f))
     return path
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoint:

@@ -20,10 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
 from .demo import DEMO_ITERATIONS, DEMO_SAMPLES
-from .display import display_path, terminal_safe
 from .errors import FghError
+from .utils import display_path, parse_int_list, terminal_safe
+from .version import __version__
 
 app = typer.Typer(
     name="fgh",
@@ -289,7 +289,7 @@ def train(
         "input_size": input_size, "model_options": _parse_options(option) if option else None,
         "iterations": iterations, "epochs": epochs, "num_samples": num_samples, "batch_size": batch_size, "lr": lr,
         "lr_new": lr_new, "scale_hash_rate": scale_hash_rate, "optimizer": optimizer, "momentum": momentum,
-        "weight_decay": weight_decay, "lr_steps": list(_int_list(lr_steps, "--lr-steps")) if lr_steps else None,
+        "weight_decay": weight_decay, "lr_steps": list(parse_int_list(lr_steps, "--lr-steps")) if lr_steps else None,
         "gamma": gamma, "aux_start": aux_start, "adl_weight": adl_weight, "nesterov": nesterov,
         "freeze_trunk": freeze_trunk, "trunk_cache_views": trunk_cache_views, "crop_scale": crop,
         "val_fraction": val_fraction, "query_fraction": query_fraction, "select_on": select_on,
@@ -478,16 +478,6 @@ bench_app = typer.Typer(help="Benchmarks: engine latency, search vs FAISS, end-t
 app.add_typer(bench_app, name="bench")
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise FghError(f"{option} expects positive integers separated by commas, got {text!r}")
-    return values
-
-
 @bench_app.command("engine")
 def bench_engine_cmd(
     engine: Annotated[Path, typer.Argument(help="Engine or checkpoint (.pt, .onnx, .engine).")],
@@ -503,7 +493,7 @@ def bench_engine_cmd(
     from .bench import bench_engine
 
     with load_engine(engine, device=device) as eng:
-        report = bench_engine(eng, batch_sizes=_int_list(batch, "--batch"), warmup=warmup, iterations=iterations)
+        report = bench_engine(eng, batch_sizes=parse_int_list(batch, "--batch"), warmup=warmup, iterations=iterations)
     if as_json:
         _print_json(report)
         return
@@ -534,8 +524,8 @@ def bench_search_cmd(
     """Exact k-NN codes/s and latency, ours vs FAISS IndexBinaryFlat (when faiss is installed), same run."""
     from .bench import bench_search
 
-    reports = [bench_search(n, b, queries=_int_list(queries, "--queries"), k=k, repeats=repeats, threads=threads,
-                            device=search_device, kernel=kernel) for b in _int_list(bits, "--bits")]
+    reports = [bench_search(n, b, queries=parse_int_list(queries, "--queries"), k=k, repeats=repeats, threads=threads,
+                            device=search_device, kernel=kernel) for b in parse_int_list(bits, "--bits")]
     if as_json:
         _print_json({"schema_version": 1, "benchmark": "search", "reports": reports})
         return

@@ -13,8 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .display import terminal_safe
 from .errors import FghError
+from .utils import terminal_safe
 
 #: Longest code fgh trains, stores or searches (the papers use 12 to 128 bits).
 MAX_BITS = 4096

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .display import display_path
 from .errors import FghError
+from .utils import display_path
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def run_demo(out: str | os.PathLike = "fgh-demo", *, data: str | os.PathLike | N
         f"fgh export {q(str(checkpoint))} --fp16",
         f"fgh train --data {q(str(root))} --model agmh --bits 48 --preset fast --out runs/agmh48",
     ]
-    from .checkpoint import atomic_write
+    from .utils import atomic_write
 
     atomic_write(out / DEMO_MARKER, lambda f: f.write(json.dumps(result.to_dict(), indent=2).encode()))
     return result

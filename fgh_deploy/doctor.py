@@ -104,7 +104,7 @@ def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
 
 def diagnose() -> dict[str, Any]:
     """Versions and capabilities of this machine, as a JSON-serialisable dict."""
-    from . import __version__
+    from .version import __version__
 
     torch_report = _torch_report()
     return {

@@ -34,11 +34,10 @@ import numpy as np
 import torch
 
 from .bits import pack_codes
-from .checkpoint import atomic_write
-from .display import display_path
 from .errors import FghError
 from .images import IMAGE_EXTENSIONS, ImageBatchLoader, scan_images
 from .index import SKIPPED_LOG, CodeIndex
+from .utils import atomic_write, display_path
 
 if TYPE_CHECKING:
     from fgh_deploy.engines.base import Engine

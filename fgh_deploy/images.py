@@ -31,8 +31,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from fgh_deploy.config import INTERPOLATIONS, PreprocessConfig
-from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
+from fgh_deploy.utils import display_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -77,11 +77,10 @@ from typing import IO, Any
 import numpy as np
 
 from .bits import BIT_ORDER, packed_width
-from .checkpoint import atomic_write
 from .config import parse_json_object
-from .display import display_path, terminal_safe
 from .errors import FghError
 from .search import HammingSearcher
+from .utils import atomic_write, display_path, fsync_dir, terminal_safe
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +270,7 @@ class CodeIndex:
             for kind in _KINDS:
                 files[kind] = _open_file(path, _file_name(kind, manifest["generation"]), "new")
                 os.fsync(files[kind].fileno())
-            _fsync_dir(path)
+            fsync_dir(path)
             _write_manifest(path, manifest)
             index = cls(path, manifest, files, lock)
             index._remove_leftovers()
@@ -568,7 +567,7 @@ class CodeIndex:
                 state = self._copy_rows(keep, new_files)
                 for f in new_files.values():
                     os.fsync(f.fileno())
-                _fsync_dir(self._path)  # the new names must be durable before a manifest names them
+                fsync_dir(self._path)  # the new names must be durable before a manifest names them
         except BaseException:
             _close_all(new_files.values())
             for kind in new_files:  # only the files this call created
@@ -665,7 +664,7 @@ class CodeIndex:
         except OSError as exc:
             os.rename(replaced, real)
             raise FghError(f"{display_path(target)}: cannot move the new index in place ({exc.strerror})") from None
-        _fsync_dir(real.parent)
+        fsync_dir(real.parent)
         self._path = target
         self._replaces = None
         old_lock.close()
@@ -1123,14 +1122,6 @@ def _crc32(f: IO[bytes], length: int) -> int:
         crc = zlib.crc32(chunk, crc)
         left -= len(chunk)
     return crc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _close_all(files: Any) -> None:

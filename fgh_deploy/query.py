@@ -20,10 +20,10 @@ import torch
 
 from .bits import pack_codes
 from .config import PreprocessConfig
-from .display import display_path
-from .errors import FghError, check_int
+from .errors import FghError
 from .images import load_image
 from .index import CodeIndex
+from .utils import check_int, display_path
 
 if TYPE_CHECKING:
     from fgh_deploy.engines.base import Engine

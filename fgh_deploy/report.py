@@ -28,14 +28,13 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from . import __version__
 from .bits import unpack_codes
-from .checkpoint import atomic_write
-from .display import display_path
 from .errors import FghError
 from .images import ImageDecodeError, decode_image
 from .index import CodeIndex
 from .query import TIE_RULE, Hit, QueryResult
+from .utils import atomic_write, display_path
+from .version import __version__
 
 __all__ = ["label_from_path", "query_label", "write_html_report"]
 

@@ -63,7 +63,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
-from fgh_deploy.errors import BackendUnavailableError, FghError, check_int
+from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.utils import check_int
 
 try:
     from fgh_deploy import _hamming

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import build_model, list_models, model_entry
 from .backbones import list_backbones
+from .models import build_model, list_models, model_entry
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import fgh_deploy as fgh
-from fgh_deploy.engines import load_engine
 from fgh_deploy import bench, search
+from fgh_deploy.engines import load_engine
 from fgh_deploy.errors import FghError
 
 

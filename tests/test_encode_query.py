@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fgh_deploy as fgh
-from fgh_deploy.engines import load_engine
 from fgh_deploy.encode import SKIPPED_LOG, encode_folder
+from fgh_deploy.engines import load_engine
 from fgh_deploy.images import LINK_NOT_FOLLOWED
 from fgh_deploy.index import CodeIndex
 from fgh_deploy.query import search_codes, search_images

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import fgh_deploy as fgh
+from fgh_deploy.encode import encode_folder
 from fgh_deploy.engines import load_engine
 from fgh_deploy.export import read_onnx_metadata
 from fgh_deploy.export.calibration import synthetic_images
 from fgh_deploy.export.pipeline import export_checkpoint
-from fgh_deploy.encode import encode_folder
 from fgh_deploy.index import CodeIndex
 
 ROOT = Path(__file__).resolve().parents[1]

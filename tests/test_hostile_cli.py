@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import fgh_deploy as fgh
-from fgh_deploy.engines import load_engine
 from fgh_deploy.encode import encode_folder
+from fgh_deploy.engines import load_engine
 from fgh_deploy.errors import FghError
 from fgh_deploy.search import MAX_RESULT_SLOTS, HammingSearcher
 

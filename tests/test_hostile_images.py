@@ -16,10 +16,10 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import fgh_deploy as fgh
-from fgh_deploy.engines import load_engine
 from fgh_deploy import images as images_module
 from fgh_deploy.config import PreprocessConfig
 from fgh_deploy.encode import encode_folder
+from fgh_deploy.engines import load_engine
 from fgh_deploy.errors import FghError
 from fgh_deploy.images import (
     MAX_FULL_RESIZE_RATIO,

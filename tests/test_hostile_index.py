@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import fgh_deploy as fgh
-from fgh_deploy.engines import load_engine
 from fgh_deploy.encode import SKIPPED_LOG, encode_folder
+from fgh_deploy.engines import load_engine
 from fgh_deploy.errors import FghError
 from fgh_deploy.index import CodeIndex
 from fgh_deploy.query import search_images

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 import fgh_deploy as fgh
+from fgh_deploy.train import trainer as trainer_module
 from fgh_deploy.train.config import make_config
 from fgh_deploy.train.dcc import sign_plus, update_database_codes
 from fgh_deploy.train.evaluate import evaluate_checkpoint
 from fgh_deploy.train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
-from fgh_deploy.train import trainer as trainer_module
 from fgh_deploy.train.trainer import BEST, LAST, METRICS, SPLITS, distinct_codes, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,11 +15,11 @@ from typing import Any, Iterator
 
 from fgh_deploy.backbones import list_backbones
 from fgh_deploy.config import MAX_BITS, MAX_INPUT_SIZE, parse_json_object
-from fgh_deploy.display import display_path, terminal_safe
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import list_models, model_entry
 from fgh_deploy.models._registry import resolve_options
 from fgh_deploy.models.semicon import code_split
+from fgh_deploy.utils import display_path, terminal_safe
 
 #: The run's configuration file in its directory.
 CONFIG_FILE = "config.json"
@@ -114,7 +114,7 @@ class TrainConfig:
         problem = next(self._problems(), None)
         if problem is not None:
             raise FghError(f"{where}: {problem}")
-        from fgh_deploy.engines.torch_engine import resolve_device
+        from fgh_deploy.utils import resolve_device
 
         resolve_device(self.device)
 

@@ -41,8 +41,8 @@ from fgh_deploy.errors import FghError
 
 # The private helpers are shared on purpose: the same printable paths and the same set of
 # supported interpolations as the encode/query path.
-from fgh_deploy.display import display_path
 from fgh_deploy.images import _interpolation, decode_image, list_images, load_image
+from fgh_deploy.utils import display_path
 
 __all__ = [
     "CLASS_FOLDERS",

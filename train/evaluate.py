@@ -21,11 +21,10 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from fgh_deploy.engines.torch_engine import resolve_device
 from fgh_deploy.checkpoint import load_checkpoint
-from fgh_deploy.display import display_path
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel
+from fgh_deploy.utils import display_path, resolve_device
 
 from .baselines import evaluate_baselines, pretrained_features
 from .data import HashingDataset, LabeledImageDataset, Sample, load_dataset

@@ -43,8 +43,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fgh_deploy.bits import pack_codes
-from fgh_deploy.errors import FghError, check_int
+from fgh_deploy.errors import FghError
 from fgh_deploy.search import HammingSearcher
+from fgh_deploy.utils import check_int
 
 TIE_RULES = ("index", "random", "expected", "best", "worst")
 """Ways to order database items at equal Hamming distance (see the module docstring)."""

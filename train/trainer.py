@@ -43,12 +43,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from fgh_deploy.engines.torch_engine import resolve_device
-from fgh_deploy.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from fgh_deploy.display import display_path
+from fgh_deploy.checkpoint import load_checkpoint, save_checkpoint
 from fgh_deploy.errors import FghError
 from fgh_deploy.models import HashModel, build_model
 from fgh_deploy.models._base import HASH, NEW, PRETRAINED
+from fgh_deploy.utils import atomic_write, display_path, resolve_device
 
 from .config import CONFIG_FILE, TrainConfig
 from .data import (CLASS_FOLDERS, HashingDataset, LabeledImageDataset, Sample, hold_out_validation, load_dataset,

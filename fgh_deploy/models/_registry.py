@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ..backbones import PretrainedArg, backbone_normalization, build_backbone, list_backbones
 from ..config import HashConfig, PreprocessConfig
-from ..display import terminal_safe
+from ..utils import terminal_safe
 from ._base import HashModel
 
 
