@@ -13,14 +13,21 @@ Numpy in, numpy out:
 Ordering is deterministic: results are sorted by ``(distance, database row)``, so among
 equal distances the lower row comes first (FAISS leaves ties unspecified).
 
-How it is fast:
+One contract, two implementations, as FAISS has ``IndexBinaryFlat`` and a GPU index:
+:class:`HammingSearcher` checks every input once and orders range results; the distances
+come from :class:`CpuHammingSearcher` (below) or, for ``device="cuda"``,
+:class:`fgh_deploy.search_torch.TorchHammingSearcher` (imported only then, so the CPU search
+needs numpy alone). ``HammingSearcher(database, device=...)`` builds the one the device needs.
+
+How the CPU search is fast (measurements: README, "Measured here → Engines, search and
+encode"; ``python benchmarks/search_kernels.py`` and ``fgh bench search`` reproduce them):
 
 * **A fused kernel.** ``fgh_deploy/_hamming.c``, built at install when a C compiler is there,
   does a step's xor, popcount and sum in one pass over L1-sized tiles (AVX-512 VPOPCNTDQ,
-  else AVX2, else scalar popcnt, picked at import). numpy needs three passes per 64-bit word; at 128
-  bits those cost more than reading the codes (1M codes, one query, one thread: 1,208 vs 493
-  M codes/s). Without the compiled kernel, or for codes over ``FUSED_MAX_BITS``, the same
-  steps run as numpy passes (below), with the same results.
+  else AVX2, else scalar popcnt, picked at import). numpy needs three passes per 64-bit word,
+  which at 128 bits cost more than reading the codes. Without the compiled kernel, or for
+  codes over ``FUSED_MAX_BITS``, the same steps run as numpy passes (below), with the same
+  results.
 
 Around it, with numpy:
 
@@ -29,7 +36,9 @@ Around it, with numpy:
   bytes (a 32-bit code is one ``uint32`` column, 96 bits are ``uint64`` + ``uint32``). A
   distance is then a few whole-column ``xor`` + ``bitwise_count`` (+ add) ufunc calls, never
   a row-wise reduction. ``bitwise_count`` costs the same per element whatever its width, so
-  leftovers of 5–7 bytes are padded to one ``uint64`` rather than split into two columns.
+  leftovers of 5–7 bytes are padded to one ``uint64`` rather than split into two columns
+  (one popcount per code instead of two), while 1–4 leftover bytes stay narrow (less
+  memory to read).
 * **Blocking.** Up to 32 queries share each step: one broadcast ``xor`` computes a
   (queries × rows) block, so a database slice is read from memory once per query group and
   the Python cost of a step is spread over half a million distances.
@@ -39,24 +48,18 @@ Around it, with numpy:
   few are compared element-wise. The bound comes from a per-query histogram of the
   candidates kept, and the final order is one stable (radix) sort of a few candidates per
   query.
-* **Layout choices, measured** (numpy kernel, 1-thread CPU time, numpy 2.4, 64-query
-  batches): 32-bit codes as one ``uint32`` column are 16–28 % faster than padded to ``uint64``
-  and half the memory; 48-bit codes padded to one ``uint64`` are 28–47 % faster than
-  ``uint32`` + ``uint16`` columns (one popcount per code instead of two), for 8 instead of 6
-  bytes per code.
 * **Threads.** The compiled kernel and numpy's ufuncs release the GIL, so query groups (or,
   for few queries, database slices) run on a small thread pool; results are merged in row
   order, so they are the same for every thread count.
-
-A CUDA path (``device="cuda"``) uses torch and the ±1 matrix-product identity
-``distance = (bits − q·dbᵀ) / 2`` with the same results and tie rule.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
@@ -80,22 +83,18 @@ FUSED_MAX_BITS = 8 * 31
 
 DEFAULT_CHUNK_SIZE = 131072
 """Most database rows per scan step: one query's uint64 xor temporary (1 MiB) stays in L2."""
-# More threads stop paying once memory bandwidth is shared: on a 16-core machine, 10M 48-bit
-# codes, one query: 1 thread 751 M codes/s, 4: 1,020, 8: 867, 16: 466; 64 queries: 8 threads
-# 3,364, 16: 1,940 (`fgh bench search --threads T`).
+# More threads stop paying once the cores share memory bandwidth, and past about 8 threads
+# they cost (`fgh bench search --threads T`; README, "On a GPU").
 DEFAULT_MAX_THREADS = 8
 MAX_RESULT_SLOTS = 1 << 28
 """Most ``queries × k`` one search may return: 3 GiB of int32 distances and int64 rows."""
 
-# Measured on a 2-core Zen 4 with numpy 2.4: ``bitwise_count`` is a scalar loop (~2.8 G
-# elements/s whatever the word width) and ``xor`` runs at ~5 G/s, so a 64-bit comparison
-# costs ~0.6 ns of ufunc time; what is left to win is the Python cost per step and the
-# selection. Hence large steps for query groups: query-row distances per step (a 4 MiB
-# uint64 xor temporary, in L3; with 32 queries per slice the popcount, not the cache, is
-# the limit).
+# Query-row distances per numpy step. A 64-bit comparison is a few ns of ufunc time, so what
+# is left to win is the Python cost per step: large steps (a 4 MiB uint64 xor temporary, in
+# L3), sized so that with 32 queries per slice the popcount, not the cache, is the limit.
 _STEP_ELEMENTS = 1 << 19
-# Queries per group. A broadcast xor over rows shorter than ~4096 runs at under half speed,
-# so a group stays small enough that a step spans 16384 rows.
+# Queries per group. A broadcast xor over short rows runs at a fraction of its speed
+# (`benchmarks/search_kernels.py`), so a group stays small enough that a step spans 16384 rows.
 _GROUP_QUERIES = 32
 # Below this many query-row-column products a call is too short for threads to pay off.
 _MIN_PARALLEL_WORK = 1 << 21
@@ -103,26 +102,38 @@ _MIN_PARALLEL_WORK = 1 << 21
 # first rows: looser than the whole step's k-th but a fraction of its cost.
 _PREFIX_ROWS = 1024
 _PREFIX_ROWS_PER_K = 16
-# Rows per block whose minimum is checked against a query's bound: the uint8 min reduction
-# runs at ~20 G/s on 1024-row blocks (~2 G/s on 64-row ones), and only blocks whose minimum
-# is within the bound are compared element-wise.
+# Rows per block whose minimum is checked against a query's bound: the uint8 min reduction is
+# many times faster over long blocks than over short ones (`benchmarks/search_kernels.py`),
+# and only blocks whose minimum is within the bound are compared element-wise.
 _BLOCK_ROWS = 1024
+
+_CUDA_DEVICE = re.compile(r"cuda(:[0-9]{1,4})?")
 
 _T = TypeVar("_T")
 
 
-class HammingSearcher:
+class HammingSearcher(ABC):
     """Exact Hamming k-NN and range search over a fixed database of packed codes.
 
-    The database is copied once into a word-per-column layout (see the module docstring);
-    it holds :attr:`nbytes` bytes, at most ``ntotal * 8 * ceil(code_size / 8)``.
+    The contract every implementation keeps (checks, shapes, dtypes, tie rule); calling
+    ``HammingSearcher(database, device=...)`` builds :class:`CpuHammingSearcher` for
+    ``"cpu"`` and :class:`~fgh_deploy.search_torch.TorchHammingSearcher` for CUDA. The public
+    methods check their inputs here, once, and call the implementation's ``_*_impl`` hooks
+    with 2-D queries of the right width.
 
     Attributes:
         ntotal: Number of database codes.
         code_size: Bytes per packed code.
-        threads: Threads a large search uses (1 = only the calling thread).
-        device: ``"cpu"`` (numpy) or the CUDA device the torch path runs on.
+        threads: Threads a large CPU search uses (1 = only the calling thread).
+        device: ``"cpu"`` or the CUDA device the torch search runs on.
     """
+
+    def __new__(cls, database: Any = None, *, device: str = "cpu", **options: Any) -> HammingSearcher:
+        # Called as the contract, build the implementation the device needs; called as an
+        # implementation (or by pickle, with no arguments), build that one.
+        if cls is HammingSearcher:
+            cls = CpuHammingSearcher if _check_device(device) == "cpu" else _torch_searcher(device)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -137,9 +148,9 @@ class HammingSearcher:
 
         Args:
             database: ``uint8`` array ``(n, code_size)`` of packed codes; ``n`` may be 0.
-            chunk_size: Most database rows scanned per step; the default suits typical caches.
-            threads: Threads for large searches; default: the CPUs this process may run on,
-                at most ``DEFAULT_MAX_THREADS``.
+            chunk_size: Most database rows scanned per CPU step; the default suits typical caches.
+            threads: Threads for large CPU searches; default: the CPUs this process may run
+                on, at most ``DEFAULT_MAX_THREADS``.
             device: ``"cpu"`` for the CPU kernels, or ``"cuda"`` / ``"cuda:N"`` to search
                 on a GPU with torch (the database is then held on the GPU as ±1 values).
             kernel: CPU distance kernel: ``"compiled"`` (the fused C loop built at install,
@@ -159,39 +170,32 @@ class HammingSearcher:
                         else check_int(threads, "threads", minimum=1))
         self.ntotal, self.code_size = db.shape
         self._max_distance = 8 * self.code_size
-        # The narrowest accumulator no distance overflows: uint8 up to 255 bits halves the
-        # traffic of the adds, compares and min reductions.
-        self._acc_dtype = next(
-            dt for dt in (np.uint8, np.uint16, np.uint32) if self._max_distance <= np.iinfo(dt).max
-        )
         self.device = _check_device(device)
-        self._fused = _check_kernel(kernel, self.device, self._max_distance)
-        self._gpu: _TorchHamming | None = None
-        self._columns: list[np.ndarray] = []
-        if self.device == "cpu":
-            self._columns = _to_columns(db)
-        else:
-            self._gpu = _TorchHamming(db, self.device)
+        if kernel not in KERNELS:
+            raise FghError(f"unknown search kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        self._kernel_option = kernel
+        self._build(db)
+
+    @abstractmethod
+    def _build(self, database: np.ndarray) -> None:
+        """Make this implementation's search layout of the checked ``database``."""
 
     @property
+    @abstractmethod
     def nbytes(self) -> int:
         """Bytes the search layout holds (on the GPU for a CUDA searcher)."""
-        if self._gpu is not None:
-            return self._gpu.nbytes
-        return sum(col.nbytes for col in self._columns)
 
     @property
+    @abstractmethod
     def kernel(self) -> str:
         """What computes the distances: ``"compiled/<isa>"`` (e.g. ``compiled/avx512-vpopcntdq``),
         ``"numpy"``, or ``"torch"`` on CUDA."""
-        if self._gpu is not None:
-            return "torch"
-        return cpu_kernel() if self._fused else "numpy"
 
     @property
     def layout(self) -> list[str]:
-        """Dtype names of the word columns, e.g. ``["uint64", "uint32"]`` for 96 bits (CPU only)."""
-        return [col.dtype.name for col in self._columns]
+        """Dtype names of the CPU word columns, e.g. ``["uint64", "uint32"]`` for 96 bits;
+        empty where the codes are not held as words (torch)."""
+        return []
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest neighbours of each query.
@@ -205,7 +209,8 @@ class HammingSearcher:
             each row sorted by ``(distance, database row)``; slots past ``ntotal`` hold -1.
 
         Raises:
-            FghError: Bad ``queries`` (dtype, ndim, width) or ``k`` < 1.
+            FghError: Bad ``queries`` (dtype, ndim, width), ``k`` < 1, or more than
+                ``MAX_RESULT_SLOTS`` results.
         """
         k = check_int(k, "k", minimum=1)
         queries = self._check_queries(queries)
@@ -213,18 +218,9 @@ class HammingSearcher:
         if nq * k > MAX_RESULT_SLOTS:
             raise FghError(f"k = {k:,} for {nq:,} queries asks for {nq * k:,} results, more than "
                            f"{MAX_RESULT_SLOTS:,}; ask for fewer (this index holds {self.ntotal:,} codes)")
-        if self._gpu is not None:
-            return self._gpu.search(queries, k)
-        distances = np.full((nq, k), -1, dtype=np.int32)
-        labels = np.full((nq, k), -1, dtype=np.int64)
         if nq == 0 or self.ntotal == 0:
-            return distances, labels
-        query_columns = _to_columns(queries)
-        found = self._run(lambda task: self._knn_task(query_columns, task, k), self._plan(nq))
-        qi, dist, rows, rank = _order_candidates(*_concat(found), nq, self._max_distance, k)
-        distances[qi, rank] = dist
-        labels[qi, rank] = rows
-        return distances, labels
+            return _no_neighbours(nq, k)
+        return self._search_impl(queries, k)
 
     def range_search(self, queries: Any, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All database codes within Hamming distance ``radius`` of each query, inclusive.
@@ -246,14 +242,8 @@ class HammingSearcher:
         nq = len(queries)
         # Every distance is <= max_distance; clamping keeps the bound in the accumulator dtype.
         limit = min(radius, self._max_distance)
-        if self._gpu is not None:
-            found = [self._gpu.within(queries, limit)]
-        elif nq and self.ntotal:
-            query_columns = _to_columns(queries)
-            found = self._run(lambda task: self._range_task(query_columns, task, limit), self._plan(nq))
-        else:
-            found = []
-        qi, dist, rows, _ = _order_candidates(*_concat(found), nq, self._max_distance, None)
+        found = self._within_impl(queries, limit) if nq and self.ntotal else _concat([])
+        qi, dist, rows, _ = _order_candidates(*found, nq, self._max_distance, None)
         lims = np.zeros(nq + 1, dtype=np.int64)
         np.cumsum(np.bincount(qi, minlength=nq), out=lims[1:])
         return lims, dist.astype(np.int32), rows
@@ -271,19 +261,22 @@ class HammingSearcher:
             FghError: Bad ``queries`` (dtype, ndim, width).
         """
         queries = self._check_queries(queries)
-        if self._gpu is not None:
-            return self._gpu.distances(queries)
-        out = np.empty((len(queries), self.ntotal), dtype=np.int32)
-        if out.size:
-            query_columns = _to_columns(queries)
+        if len(queries) == 0 or self.ntotal == 0:
+            return np.empty((len(queries), self.ntotal), dtype=np.int32)
+        return self._distances_impl(queries)
 
-            def fill(task: tuple[int, int, int, int]) -> None:
-                q_lo, q_hi = task[:2]
-                for step in self._steps(query_columns, task):
-                    out[q_lo:q_hi, step.start : step.start + step.dist.shape[1]] = step.dist
+    @abstractmethod
+    def _search_impl(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for checked, non-empty queries over a non-empty database."""
 
-            self._run(fill, self._plan(len(queries)))
-        return out
+    @abstractmethod
+    def _within_impl(self, queries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every ``(query, distance, row)`` with distance <= ``limit`` as ``int64`` arrays, each
+        query's rows ascending among equal distances (checked, non-empty inputs)."""
+
+    @abstractmethod
+    def _distances_impl(self, queries: np.ndarray) -> np.ndarray:
+        """:meth:`distances` for checked, non-empty queries over a non-empty database."""
 
     def _check_queries(self, queries: Any) -> np.ndarray:
         """Validate queries against this database; return them as 2-D packed codes."""
@@ -294,6 +287,75 @@ class HammingSearcher:
                 f"bytes per code ({q.shape[1] * 8} vs {self.code_size * 8} bits max)"
             )
         return q
+
+
+class CpuHammingSearcher(HammingSearcher):
+    """:class:`HammingSearcher` on the CPU: the compiled kernel or numpy passes, on a thread pool.
+
+    The database is copied once into a word-per-column layout (see the module docstring);
+    it holds :attr:`nbytes` bytes, at most ``ntotal * 8 * ceil(code_size / 8)``.
+    """
+
+    def _build(self, database: np.ndarray) -> None:
+        """Split ``database`` into word columns and pick the distance kernel.
+
+        Raises:
+            FghError: ``device`` is not ``"cpu"``, or ``kernel="compiled"`` for codes longer
+                than ``FUSED_MAX_BITS``.
+            BackendUnavailableError: ``kernel="compiled"`` but the compiled kernel is not built.
+        """
+        if self.device != "cpu":
+            raise FghError(f"the CPU searcher runs on 'cpu', not {self.device!r}; "
+                           f"HammingSearcher(device={self.device!r}) searches there with torch")
+        # The narrowest accumulator no distance overflows: uint8 up to 255 bits halves the
+        # traffic of the adds, compares and min reductions.
+        self._acc_dtype = next(
+            dt for dt in (np.uint8, np.uint16, np.uint32) if self._max_distance <= np.iinfo(dt).max
+        )
+        self._fused = _use_compiled_kernel(self._kernel_option, self._max_distance)
+        self._columns = _to_columns(database)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the word columns."""
+        return sum(col.nbytes for col in self._columns)
+
+    @property
+    def kernel(self) -> str:
+        """``"compiled/<isa>"`` or ``"numpy"``."""
+        return cpu_kernel() if self._fused else "numpy"
+
+    @property
+    def layout(self) -> list[str]:
+        """Dtype names of the word columns, e.g. ``["uint64", "uint32"]`` for 96 bits."""
+        return [col.dtype.name for col in self._columns]
+
+    def _search_impl(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        nq = len(queries)
+        distances, labels = _no_neighbours(nq, k)
+        query_columns = _to_columns(queries)
+        found = self._run(lambda task: self._knn_task(query_columns, task, k), self._plan(nq))
+        qi, dist, rows, rank = _order_candidates(*_concat(found), nq, self._max_distance, k)
+        distances[qi, rank] = dist
+        labels[qi, rank] = rows
+        return distances, labels
+
+    def _within_impl(self, queries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        query_columns = _to_columns(queries)
+        return _concat(self._run(lambda task: self._range_task(query_columns, task, limit),
+                                 self._plan(len(queries))))
+
+    def _distances_impl(self, queries: np.ndarray) -> np.ndarray:
+        out = np.empty((len(queries), self.ntotal), dtype=np.int32)
+        query_columns = _to_columns(queries)
+
+        def fill(task: tuple[int, int, int, int]) -> None:
+            q_lo, q_hi = task[:2]
+            for step in self._steps(query_columns, task):
+                out[q_lo:q_hi, step.start : step.start + step.dist.shape[1]] = step.dist
+
+        self._run(fill, self._plan(len(queries)))
+        return out
 
     def _plan(self, nq: int) -> list[tuple[int, int, int, int]]:
         """Split a search into ``(query_lo, query_hi, row_lo, row_hi)`` tasks, group-major.
@@ -326,7 +388,7 @@ class HammingSearcher:
         if threads <= 1:
             return [fn(task) for task in tasks]
         # Contiguous shares, the first run by the calling thread: one hand-off per helper
-        # thread, and the caller works instead of waiting (a wake-up costs tens of µs here).
+        # thread, and the caller works instead of waiting (a wake-up is slower than a small task).
         shares = [tasks[len(tasks) * t // threads : len(tasks) * (t + 1) // threads] for t in range(threads)]
         futures = [_executor(threads - 1).submit(lambda share=share: [fn(task) for task in share]) for share in shares[1:]]
         results = [fn(task) for task in shares[0]]
@@ -446,7 +508,7 @@ class HammingSearcher:
 
         Same bounds and candidates, but a single query needs no per-query histogram: keeping
         its k smallest distances with ``partition`` takes a third of the array calls per
-        step, which measured 13–15 % of a whole single-query search over 1M codes.
+        step, and per-step calls are what a single-query search spends its Python time on.
         """
         found_d: list[np.ndarray] = []
         found_r: list[np.ndarray] = []
@@ -611,91 +673,6 @@ def _prefix_bound(dist: np.ndarray, rows: np.ndarray | slice, k: int, max_distan
     return (hist.reshape(len(prefix), bins).cumsum(axis=1) < k).sum(axis=1)
 
 
-class _TorchHamming:
-    """Hamming search on a CUDA device with torch (which has no popcount).
-
-    Bits become ±1 values, so ``q·d = bits − 2·distance`` and one matrix product per block
-    gives every distance. In fp16 the products and sums are exact integers up to 2048 bits;
-    longer codes (and devices without fast fp16, such as the CPU) use fp32. Ties are settled
-    by ``topk`` on the unique key ``distance * ntotal + row``.
-    """
-
-    # Query-row pairs per block: the int64 keys of one block take 256 MiB.
-    _BLOCK_ELEMENTS = 1 << 25
-
-    def __init__(self, database: np.ndarray, device: Any) -> None:
-        import torch
-
-        self._torch = torch
-        self.device = torch.device(device)
-        self.ntotal, code_size = database.shape
-        self.bits = 8 * code_size
-        fast_half = self.device.type == "cuda" and self.bits <= 2048
-        self.dtype = torch.float16 if fast_half else torch.float32
-        self._db = self._signs(database)
-
-    @property
-    def nbytes(self) -> int:
-        return self._db.numel() * self._db.element_size()
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        nq, n = len(queries), self.ntotal
-        distances = np.full((nq, k), -1, dtype=np.int32)
-        labels = np.full((nq, k), -1, dtype=np.int64)
-        if nq == 0 or n == 0:
-            return distances, labels
-        best = torch.empty((nq, 0), dtype=torch.int64, device=self.device)
-        for start, dist in self._blocks(queries):
-            rows = torch.arange(start, start + dist.shape[1], device=self.device)
-            keys = torch.cat((best, dist.to(torch.int64) * n + rows), dim=1)
-            best = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False, sorted=True).values
-        best = best.cpu().numpy()
-        distances[:, : best.shape[1]] = best // n
-        labels[:, : best.shape[1]] = best % n
-        return distances, labels
-
-    def within(self, queries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every ``(query, distance, row)`` with distance <= ``limit``, each query's rows ascending."""
-        torch = self._torch
-        parts = []
-        for start, dist in self._blocks(queries):
-            qi, col = torch.nonzero(dist <= limit, as_tuple=True)
-            parts.append(
-                (qi.cpu().numpy(), dist[qi, col].cpu().numpy(), (col + start).cpu().numpy())
-            )
-        return _concat(parts)
-
-    def distances(self, queries: np.ndarray) -> np.ndarray:
-        out = np.empty((len(queries), self.ntotal), dtype=np.int32)
-        for start, dist in self._blocks(queries):
-            out[:, start : start + dist.shape[1]] = dist.cpu().numpy()
-        return out
-
-    def _blocks(self, queries: np.ndarray) -> Iterator[tuple[int, Any]]:
-        """Yield ``(row_start, int32 distances (nq, rows))`` block by block."""
-        if len(queries) == 0 or self.ntotal == 0:
-            return
-        q = self._signs(queries)
-        rows = max(1, self._BLOCK_ELEMENTS // len(queries))
-        for start in range(0, self.ntotal, rows):
-            dots = q @ self._db[start : start + rows].T
-            yield start, (self.bits - dots.to(self._torch.int32)) // 2
-
-    def _signs(self, codes: np.ndarray) -> Any:
-        """Packed codes → ``(n, bits)`` ±1 tensor on the device (zero padding → -1 on both sides)."""
-        torch = self._torch
-        shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
-        out = torch.empty((len(codes), self.bits), dtype=self.dtype, device=self.device)
-        # Unpacked in slices so the uint8 temporaries stay small next to the result.
-        step = max(1, (1 << 24) // self.bits)
-        for start in range(0, len(codes), step):
-            packed = torch.from_numpy(np.array(codes[start : start + step])).to(self.device)  # a writable copy
-            bits = (packed.unsqueeze(-1) >> shifts) & 1
-            out[start : start + step] = bits.reshape(len(packed), -1).to(self.dtype) * 2 - 1
-        return out
-
-
 def hamming_distances(queries: Any, database: Any) -> np.ndarray:
     """Dense exact Hamming distances between packed codes (reference use, small inputs).
 
@@ -775,9 +752,9 @@ _SCRATCH = threading.local()
 def _scratch(role: str, dtype: Any, size: int) -> np.ndarray:
     """This thread's reusable buffer for ``role``: ``size`` elements of ``dtype``.
 
-    Fresh multi-MiB arrays come from ``mmap`` and fault in on first touch (about 1 ms for a
-    step's buffers, measured), which is more than a whole search of 20,000 codes; scans run
-    one at a time per thread, so each thread keeps its buffers between calls.
+    Fresh multi-MiB arrays come from ``mmap`` and fault in on first touch, which costs more
+    than a whole search of a small database (``benchmarks/search_kernels.py``); scans run one
+    at a time per thread, so each thread keeps its buffers between calls.
     """
     buffers: dict[tuple[str, np.dtype], np.ndarray] = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (role, np.dtype(dtype))
@@ -824,14 +801,10 @@ def cpu_kernel() -> str:
     return "numpy" if _hamming is None else f"compiled/{_hamming.KERNEL}"
 
 
-def _check_kernel(kernel: Any, device: str, max_distance: int) -> bool:
-    """Validate ``kernel``; return whether the compiled kernel computes this searcher's distances."""
-    if kernel not in KERNELS:
-        raise FghError(f"unknown search kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+def _use_compiled_kernel(kernel: str, max_distance: int) -> bool:
+    """Whether the compiled kernel computes a CPU searcher's distances; refuse what it cannot do."""
     takes_codes = max_distance <= FUSED_MAX_BITS
     if kernel == "compiled":
-        if device != "cpu":
-            raise FghError(f"kernel='compiled' is a CPU kernel; the {device} search uses torch")
         if not takes_codes:
             raise FghError(f"kernel='compiled' takes codes up to {FUSED_MAX_BITS} bits ({FUSED_MAX_BITS // 8} "
                            f"bytes), not {max_distance // 8} bytes")
@@ -840,22 +813,32 @@ def _check_kernel(kernel: Any, device: str, max_distance: int) -> bool:
                 "the compiled search kernel fgh_deploy._hamming is not built (the install found no C "
                 "compiler): reinstall fgh with one, or use kernel='numpy'"
             )
-    return kernel != "numpy" and device == "cpu" and takes_codes and _hamming is not None
+    return kernel != "numpy" and takes_codes and _hamming is not None
 
 
 def _check_device(device: Any) -> str:
-    """``"cpu"``, or a CUDA device string that torch can use here; raise otherwise."""
-    if device == "cpu":
-        return "cpu"
-    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
-        raise FghError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    """``device`` when it is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; raise otherwise.
+
+    Not :func:`fgh_deploy.utils.check_device`: a search runs where its codes are, so there is
+    no ``auto``.
+    """
+    if device == "cpu" or (isinstance(device, str) and _CUDA_DEVICE.fullmatch(device)):
+        return device
+    raise FghError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _torch_searcher(device: str) -> type[HammingSearcher]:
+    """The torch implementation, imported on first use: the CPU search needs numpy alone."""
     try:
-        import torch
+        from fgh_deploy.search_torch import TorchHammingSearcher
     except ImportError:
         raise BackendUnavailableError(f"device {device!r} needs torch, which is not installed") from None
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {device!r} requested but CUDA is not available here")
-    return device
+    return TorchHammingSearcher
+
+
+def _no_neighbours(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(D, I)`` of shape ``(nq, k)`` with every slot -1 ("no neighbour"), to fill in."""
+    return np.full((nq, k), -1, dtype=np.int32), np.full((nq, k), -1, dtype=np.int64)
 
 
 def _as_packed(codes: Any, name: str, *, allow_single: bool) -> np.ndarray:
