@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from fgh_deploy.engines.base import Engine
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 SCHEMA_VERSION = 1
 # Rows per slice of the independent reference check: bounds its temporaries (~16 bytes a row).
@@ -117,14 +119,14 @@ def bench_search(
     query_codes = _random_codes(rng, max(queries), bits)
     log.info("search benchmark: %d codes of %d bits, batches %s, k=%d", n, bits, list(queries), k)
 
-    start = time.perf_counter()
-    searcher = HammingSearcher(database, threads=threads, device=device, kernel=kernel)
+    build_seconds, searcher = _clocked(
+        lambda: HammingSearcher(database, threads=threads, device=device, kernel=kernel))
     ours_info = {
         "device": searcher.device,
         "kernel": searcher.kernel,
         "threads": searcher.threads,
         "layout": searcher.layout,
-        "build_seconds": time.perf_counter() - start,
+        "build_seconds": build_seconds,
         "index_bytes": searcher.nbytes,
         "bytes_per_code": searcher.nbytes / n,
     }
@@ -139,15 +141,13 @@ def bench_search(
         if faiss is not None:
             if threads is not None:
                 faiss.omp_set_num_threads(threads)
-            start = time.perf_counter()
-            faiss_index = faiss.IndexBinaryFlat(database.shape[1] * 8)
-            faiss_index.add(database)
+            build_seconds, faiss_index = _clocked(lambda: _faiss_index(faiss, database))
             faiss_info = {
                 "available": True,
                 "version": faiss.__version__,
                 "index": "IndexBinaryFlat",
                 "threads": faiss.omp_get_max_threads(),
-                "build_seconds": time.perf_counter() - start,
+                "build_seconds": build_seconds,
             }
         for nq in queries:
             results.append(_search_entry(searcher, faiss_index, database, query_codes[:nq], k, repeats))
@@ -182,8 +182,7 @@ def bench_engine(
 ) -> dict[str, Any]:
     """Latency and throughput of ``engine.encode`` on random uint8 images of its input size.
 
-    On CUDA the clock stops only after the device is done (``encode`` returns host arrays,
-    and torch's queue is synchronised around every call when torch CUDA is initialised).
+    On CUDA the clock stops only after the device is done (see :func:`_clocked`).
 
     Args:
         engine: Any opened :class:`engines.base.Engine`.
@@ -214,17 +213,7 @@ def bench_engine(
     results = []
     for batch_size in batch_sizes:
         images = rng.integers(0, 256, (batch_size, 3, size, size), dtype=np.uint8)
-        for _ in range(warmup):
-            engine.encode(images)
-        # Looked up after the warm-up: the engine may be what initialises CUDA.
-        sync = _cuda_sync()
-        latencies = []
-        for _ in range(iterations):
-            sync()
-            start = time.perf_counter()
-            engine.encode(images)
-            sync()
-            latencies.append(time.perf_counter() - start)
+        latencies, _ = _time_calls(lambda: engine.encode(images), iterations, warmup=warmup)
         ms = np.array(latencies) * 1e3
         results.append({
             "batch_size": batch_size,
@@ -309,11 +298,10 @@ def bench_encode(
         if warmup and names:
             # First calls pay once for CUDA context, kernel loading, cuDNN and nvJPEG handles
             # (seconds on a GPU): one batch first, untimed, so the numbers are the steady state.
-            start = time.perf_counter()
-            encode_folder(_linked_subset(root, names[:batch_size], Path(tmp) / "warmup"), engine,
-                          Path(tmp) / "warmup-index", batch_size=batch_size, workers=0, progress=False,
-                          gpu_decode=gpu_decode)
-            warmup_seconds = time.perf_counter() - start
+            warmup_seconds, _ = _clocked(lambda: encode_folder(
+                _linked_subset(root, names[:batch_size], Path(tmp) / "warmup"), engine,
+                Path(tmp) / "warmup-index", batch_size=batch_size, workers=0, progress=False,
+                gpu_decode=gpu_decode))
         log.info("encode benchmark: %s, batch %d, %d worker(s)", root, batch_size, workers)
         summary = encode_folder(source, engine, Path(tmp) / "index", batch_size=batch_size,
                                 workers=workers, rebuild=True, progress=False, gpu_decode=gpu_decode)
@@ -388,15 +376,35 @@ def _random_codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
     return codes
 
 
-def _time_calls(call: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
-    """One untimed warm-up call, then ``repeats`` timed ones; returns (seconds, last result)."""
+def _faiss_index(faiss: Any, database: np.ndarray) -> Any:
+    """A FAISS ``IndexBinaryFlat`` holding ``database``."""
+    index = faiss.IndexBinaryFlat(database.shape[1] * 8)
+    index.add(database)
+    return index
+
+
+def _clocked(call: Callable[[], _T]) -> tuple[float, _T]:
+    """Wall seconds of one call and its result; the clock stops only when the device is done.
+
+    torch's CUDA queue is synchronised on both sides when torch has initialised CUDA (looked
+    up per call: the call being timed may be what initialises it), so queued GPU work is
+    neither billed to this call nor left out of it.
+    """
+    sync = _cuda_sync()
+    sync()
+    start = time.perf_counter()
     result = call()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        seconds.append(time.perf_counter() - start)
-    return seconds, result
+    sync()
+    return time.perf_counter() - start, result
+
+
+def _time_calls(call: Callable[[], _T], repeats: int, *, warmup: int = 1) -> tuple[list[float], _T]:
+    """``warmup`` untimed calls (allocators, autotuning, lazy initialisation), then ``repeats``
+    timed ones (``repeats`` >= 1); returns (seconds of each timed call, the last result)."""
+    for _ in range(warmup):
+        call()
+    runs = [_clocked(call) for _ in range(repeats)]
+    return [seconds for seconds, _ in runs], runs[-1][1]
 
 
 def _throughput(seconds: list[float], n: int, nq: int) -> dict[str, Any]:
