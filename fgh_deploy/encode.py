@@ -35,11 +35,13 @@ import torch
 
 from .bits import pack_codes
 from .errors import FghError
-from .images import IMAGE_EXTENSIONS, ImageBatchLoader, scan_images
+from .images import IMAGE_EXTENSIONS, ImageBatchLoader, ImageScan, scan_images
 from .index import SKIPPED_LOG, CodeIndex
 from .utils import atomic_write, display_path
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from fgh_deploy.engines.base import Engine
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,10 @@ log = logging.getLogger(__name__)
 COMMIT_SECONDS = 2.0
 #: What ``fgh encode`` suggests when the index at --out was built by another model or from another folder.
 REBUILD_HINT = "use --rebuild to replace it, or another --out"
-# With a CUDA engine, nvJPEG decodes by default only below this many decoding workers. Measured on
-# an H100 machine (4,153 cub100 photos, batch 64, `fgh bench encode`): 2 workers: nvJPEG 2,194 img/s
-# vs Pillow 1,771; 8 workers: nvJPEG 2,109 vs Pillow 4,745. nvJPEG decodes a batch in 3 ms, but
-# the per-image resize on the GPU (6 ms a batch) and the decode run between engine calls, while
-# each Pillow worker adds about 900 img/s.
+# With a CUDA engine, nvJPEG decodes by default only below this many decoding workers: its decode
+# and per-image resize run on the GPU between engine calls, so its rate stays flat as workers are
+# added, while every Pillow worker decodes in parallel with the engine (`fgh bench encode`
+# measures both; the README lists the numbers).
 GPU_DECODE_BELOW_WORKERS = 3
 
 
@@ -131,17 +132,13 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
     """
     start = time.perf_counter()
     workers = _default_workers() if workers is None else workers
-    decode_device = _decode_device(engine, gpu_decode, workers)
+    loop = _LoopOptions(batch_size=batch_size, workers=workers,
+                        decode_device=_decode_device(engine, gpu_decode, workers), commit_seconds=commit_seconds,
+                        show_progress=sys.stderr.isatty() if progress is None else progress)
     root = Path(folder)
     out = Path(out)
-    scan = scan_images(root, follow_links=follow_links)
+    scan = _scan_images_or_refuse(root, out, follow_links)
     paths = scan.paths
-    if not paths:
-        # An empty (or unmounted) folder would otherwise empty the index: every row "deleted".
-        left_out = f"; {len(scan.skipped)} entries left out, e.g. {display_path(scan.skipped[0][0])}: " \
-                   f"{scan.skipped[0][1]}" if scan.skipped else ""
-        raise FghError(f"{display_path(root)}: no images found ({'/'.join(IMAGE_EXTENSIONS)} files, searched "
-                       f"recursively{left_out}); {display_path(out)} was not touched")
     root_str = str(root.resolve())
     index = _open_or_create(out, engine, root_str, rebuild)
     with index:
@@ -149,22 +146,40 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
                                 images=len(paths))
         summary.skipped.extend({"path": path, "reason": reason} for path, reason in scan.skipped)
         stats = {p: _file_stats(root, p) for p in paths}
-        # Keep rows whose file is still there, unchanged; everything else is (re-)encoded.
-        existing = index.all_paths()
-        old_stats = index.stats
-        keep = np.array([stats.get(p) == (int(s[0]), int(s[1])) for p, s in zip(existing, old_stats)], dtype=bool)
-        if not keep.all():
-            summary.removed = int((~keep).sum())
-            index.compact(keep)
-        done = set(index.all_paths())
-        todo = [p for p in paths if p not in done]
+        plan = index.plan_resume(stats)
+        if plan.dropped:
+            summary.removed = plan.dropped
+            index.compact(plan.keep)
+        todo = plan.encode
         summary.reused = len(paths) - len(todo)
-        _encode_into(index, engine, root, todo, stats, summary, batch_size, workers,
-                     sys.stderr.isatty() if progress is None else progress, commit_seconds, decode_device)
+        _encode_into(index, engine, root, todo, stats, summary, loop)
         summary.index_bytes = index.nbytes
     _write_skipped_log(out, summary.skipped)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+@dataclass(frozen=True)
+class _LoopOptions:
+    """How the encoding loop runs, resolved from :func:`encode_folder`'s arguments."""
+
+    batch_size: int
+    workers: int
+    decode_device: torch.device | None  # nvJPEG on this device, or None for Pillow in the workers
+    commit_seconds: float
+    show_progress: bool
+
+
+def _scan_images_or_refuse(root: Path, out: Path, follow_links: bool) -> ImageScan:
+    """The images under ``root``; none at all is an error, before the index is touched."""
+    scan = scan_images(root, follow_links=follow_links)
+    if not scan.paths:
+        # An empty (or unmounted) folder would otherwise empty the index: every row "deleted".
+        left_out = f"; {len(scan.skipped)} entries left out, e.g. {display_path(scan.skipped[0][0])}: " \
+                   f"{scan.skipped[0][1]}" if scan.skipped else ""
+        raise FghError(f"{display_path(root)}: no images found ({'/'.join(IMAGE_EXTENSIONS)} files, searched "
+                       f"recursively{left_out}); {display_path(out)} was not touched")
+    return scan
 
 
 def _cuda_device(engine: Engine) -> torch.device | None:
@@ -202,60 +217,73 @@ def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> Code
 
 
 def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
-                 stats: dict[str, tuple[int, int]], summary: EncodeSummary, batch_size: int, workers: int,
-                 show_progress: bool, commit_seconds: float, decode_device: torch.device | None) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+                 stats: dict[str, tuple[int, int]], summary: EncodeSummary, options: _LoopOptions) -> None:
+    """Decode, encode and append ``todo``, committing every ``commit_seconds``; time each stage."""
     timings = {"decode_wait": 0.0, "gpu_decode": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
-    # On a GPU every new batch shape costs new kernel plans (1.5 s for a batch of 57 after
-    # batches of 64 on an H100): short batches (the last one, ones with skipped files) are padded.
+    # On a GPU every new batch shape costs new kernel plans, far more than encoding a few black
+    # images: short batches (the last one, ones with skipped files) are padded to the full size.
     on_gpu = _cuda_device(engine) is not None
-    loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=batch_size, num_workers=workers,
-                              pin_memory=on_gpu, jpeg_device=decode_device)
-    columns = [TextColumn("encoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    progress = Progress(*columns, disable=not show_progress, transient=False,
-                        console=Console(stderr=True))
+    pad_to = options.batch_size if on_gpu else 0
+    loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=options.batch_size,
+                              num_workers=options.workers, pin_memory=on_gpu, jpeg_device=options.decode_device)
+    progress = _progress_bar(options.show_progress)
     last_commit = time.perf_counter()
     started = time.perf_counter()
     with progress, _worker_deaths_as_errors(loader):
         task = progress.add_task("encode", total=len(todo), rate=0.0)
         tick = time.perf_counter()
         for indices, images, failures in loader:
-            now = time.perf_counter()
-            timings["decode_wait"] += now - tick
+            timings["decode_wait"] += time.perf_counter() - tick
             for failure in failures:
                 summary.skipped.append({"path": todo[failure.index], "reason": failure.reason})
             if len(indices):
-                t0 = time.perf_counter()
-                codes = engine.encode(_padded(images, batch_size) if on_gpu else images)[: len(indices)]
-                t1 = time.perf_counter()
-                packed = pack_codes(codes)
-                t2 = time.perf_counter()
                 rel = [todo[i] for i in indices]
-                index.append(packed, rel, np.array([stats[p] for p in rel], dtype=np.int64))
+                _append_batch(index, engine, images, rel, stats, pad_to, timings)
                 summary.encoded += len(indices)
-                timings["engine"] += t1 - t0
-                timings["pack"] += t2 - t1
-                timings["write"] += time.perf_counter() - t2
-            if time.perf_counter() - last_commit >= commit_seconds:
-                t3 = time.perf_counter()
-                index.commit()
-                timings["write"] += time.perf_counter() - t3
+            if time.perf_counter() - last_commit >= options.commit_seconds:
+                with _timed(timings, "write"):
+                    index.commit()
                 last_commit = time.perf_counter()
             done = summary.encoded + len(summary.skipped)
             progress.update(task, completed=done, rate=done / max(time.perf_counter() - started, 1e-9))
             tick = time.perf_counter()
-        t3 = time.perf_counter()
-        index.commit()
-        timings["write"] += time.perf_counter() - t3
+        with _timed(timings, "write"):
+            index.commit()
     # The loader decodes on the GPU while this loop waits for the next batch.
     timings["gpu_decode"] = loader.device_decode_seconds
     timings["decode_wait"] -= loader.device_decode_seconds
     summary.timings = {k: round(v, 4) for k, v in timings.items()}
     summary.image_seconds = {"decode": round(loader.worker_decode_seconds, 4),
                              "preprocess": round(loader.worker_preprocess_seconds, 4)}
+
+
+def _append_batch(index: CodeIndex, engine: Engine, images: torch.Tensor, rel: list[str],
+                  stats: dict[str, tuple[int, int]], pad_to: int, timings: dict[str, float]) -> None:
+    """Encode one batch (padded to ``pad_to`` rows when that is more) and append its rows, uncommitted."""
+    with _timed(timings, "engine"):
+        codes = engine.encode(_padded(images, pad_to))[: len(rel)]
+    with _timed(timings, "pack"):
+        packed = pack_codes(codes)
+    with _timed(timings, "write"):
+        index.append(packed, rel, np.array([stats[p] for p in rel], dtype=np.int64))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[stage]``."""
+    start = time.perf_counter()
+    yield
+    timings[stage] += time.perf_counter() - start
+
+
+def _progress_bar(show: bool) -> Progress:
+    """The encoding progress bar on stderr (disabled, but still usable, when not ``show``)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("encoding"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, disable=not show, transient=False, console=Console(stderr=True))
 
 
 @contextmanager

@@ -22,8 +22,12 @@ model's sha256), ``model`` (its config dict), ``preprocess`` (``PreprocessConfig
 
 Loading is near-instant: the data files are memory-mapped (no per-row parsing) and a path
 is decoded only when asked for. Opening with ``verify=True`` (the default) reads every
-committed byte once to check the CRCs: zlib.crc32 runs at about 2 GB/s, so about 50 ms per
-million rows of 64-bit codes with 40-byte paths; ``verify=False`` skips that and checks sizes.
+committed byte once to check the CRCs, a cost that grows with the index; ``verify=False``
+skips that and checks sizes only.
+
+Resuming: :meth:`CodeIndex.plan_resume` compares the stored (size, mtime_ns) of each row with
+the image folder as it is now and says which rows to keep (file unchanged), which to drop
+(file changed or gone) and which images still need encoding; ``fgh encode`` acts on that.
 
 Crash safety (a kill -9 at any moment leaves the last committed state):
 
@@ -63,6 +67,7 @@ import copy
 import datetime as _dt
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import operator
@@ -70,7 +75,8 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -113,6 +119,25 @@ _INT64 = np.dtype("<i8")
 _CRC_CHUNK = 1 << 24
 # Rows per step when compacting: bounds the temporaries to tens of MB for any index size.
 _COMPACT_ROWS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How an index catches up with its image folder (from :meth:`CodeIndex.plan_resume`).
+
+    Apply it with ``index.compact(plan.keep)`` (when :attr:`dropped`), then encode and
+    append :attr:`encode`.
+    """
+
+    #: One bool per committed row: true when its file is still listed with the same size and mtime.
+    keep: np.ndarray
+    #: Listed paths without a kept row (new or changed images), in listing order.
+    encode: list[str]
+
+    @property
+    def dropped(self) -> int:
+        """Committed rows whose file changed or is gone."""
+        return int(np.count_nonzero(~self.keep))
 
 
 class CodeIndex:
@@ -197,27 +222,7 @@ class CodeIndex:
                 an index (or its data files) exists there and ``overwrite`` is false, or
                 another writer holds it.
         """
-        code_size = packed_width(bits)
-        if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
-            raise FghError(f"fingerprint must be a sha256 hex string, got {fingerprint!r}")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "bits": operator.index(bits),
-            "bit_order": BIT_ORDER,
-            "code_size": code_size,
-            "fingerprint": fingerprint,
-            "model": _as_dict(model, "model"),
-            "preprocess": _as_dict(preprocess, "preprocess"),
-            "engine": _as_dict(engine, "engine"),
-            "root": os.fsdecode(root),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "generation": 0,
-            "ntotal": 0,
-            "files": {kind: {"bytes": 0, "crc32": 0} for kind in _KINDS},
-        }
-        _encode_manifest(manifest)  # a value JSON cannot hold fails here, before any disk write
-
+        manifest = _new_manifest(bits, fingerprint, model, preprocess, engine, root)
         path = Path(path)
         shown = display_path(path)
         _restore_interrupted_replacement(path)
@@ -463,6 +468,32 @@ class CodeIndex:
         ends = self._view("offsets").tolist()
         return [os.fsdecode(blob[s:e]) for s, e in zip([0, *ends[:-1]], ends)]
 
+    # ----------------------------------------------------------------- resuming
+
+    def plan_resume(self, listing: Mapping[str, tuple[int, int]]) -> ResumePlan:
+        """Compare the committed rows with the image folder as it is now.
+
+        The stored (size, mtime_ns) stand in for the file's content: a row is kept when its
+        path is listed with exactly those stats, so an unchanged image is never decoded again,
+        and a modified or deleted one is dropped (and a modified one encoded anew).
+
+        Args:
+            listing: Every image path under :attr:`root` now, in the order to encode them,
+                with its ``(size, mtime_ns)`` (``(-1, -1)`` for a file that cannot be stat'ed:
+                it matches no row).
+
+        Returns:
+            The rows to keep (the others to drop) and the paths still to encode.
+        """
+        paths = self.all_paths()
+        keep = np.fromiter(
+            (listing.get(path) == (size, mtime) for path, (size, mtime) in zip(paths, self.stats.tolist())),
+            dtype=bool,
+            count=len(paths),
+        )
+        kept = set(itertools.compress(paths, keep))
+        return ResumePlan(keep=keep, encode=[path for path in listing if path not in kept])
+
     # ------------------------------------------------------------------ writing
 
     def append(self, codes_packed: Any, rel_paths: Sequence[str], stats: Any) -> None:
@@ -529,7 +560,7 @@ class CodeIndex:
         manifest = dict(
             self._manifest,
             ntotal=self.ntotal + self._pending,
-            files={kind: {"bytes": size, "crc32": crc} for kind, (size, crc) in self._written.items()},
+            files=_files_field(self._written),
         )
         with self._no_space_is_an_error(MANIFEST):
             _write_manifest(self._path, manifest)
@@ -577,7 +608,7 @@ class CodeIndex:
             self._manifest,
             generation=gen,
             ntotal=int(keep.sum()),
-            files={kind: {"bytes": size, "crc32": crc} for kind, (size, crc) in state.items()},
+            files=_files_field(state),
         )
         try:
             with self._no_space_is_an_error(MANIFEST):
@@ -873,11 +904,43 @@ def _file_name(kind: str, generation: int) -> str:
 
 
 def _file_state(manifest: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(bytes, crc32) per data file kind, as the manifest's ``files`` records them."""
     return {kind: (manifest["files"][kind]["bytes"], manifest["files"][kind]["crc32"]) for kind in _KINDS}
+
+
+def _files_field(state: dict[str, tuple[int, int]]) -> dict[str, dict[str, int]]:
+    """The manifest's ``files`` for (bytes, crc32) per kind: the inverse of :func:`_file_state`."""
+    return {kind: {"bytes": size, "crc32": crc} for kind, (size, crc) in state.items()}
 
 
 def _generations_on_disk(path: Path) -> list[int]:
     return [int(m[2]) for m in map(_DATA_FILE.fullmatch, os.listdir(path)) if m]
+
+
+def _new_manifest(bits: int, fingerprint: str, model: Any, preprocess: Any, engine: dict[str, Any],
+                  root: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of an empty index; bad arguments fail here, before anything is written."""
+    code_size = packed_width(bits)
+    if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
+        raise FghError(f"fingerprint must be a sha256 hex string, got {fingerprint!r}")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bits": operator.index(bits),
+        "bit_order": BIT_ORDER,
+        "code_size": code_size,
+        "fingerprint": fingerprint,
+        "model": _as_dict(model, "model"),
+        "preprocess": _as_dict(preprocess, "preprocess"),
+        "engine": _as_dict(engine, "engine"),
+        "root": os.fsdecode(root),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generation": 0,
+        "ntotal": 0,
+        "files": _files_field({kind: (0, 0) for kind in _KINDS}),
+    }
+    _encode_manifest(manifest)  # a value JSON cannot hold fails here
+    return manifest
 
 
 def _as_dict(value: Any, name: str) -> dict[str, Any]:

@@ -410,6 +410,25 @@ def test_kill9_at_exact_points(
     assert finish_and_compare(path, clean_run) == committed
 
 
+def test_plan_resume_keeps_unchanged_rows_and_lists_what_to_encode(built: Path) -> None:
+    _, paths, stats = expected(range(6))
+    listing = {path: (int(size), int(mtime)) for path, (size, mtime) in zip(paths, stats)}
+    changed, gone, unreadable = paths[1], paths[2], paths[3]
+    listing[changed] = (listing[changed][0] + 1, listing[changed][1])
+    del listing[gone]
+    listing[unreadable] = (-1, -1)
+    listing["new.jpg"] = (5, 6)
+    with CodeIndex.open(built) as index:
+        plan = index.plan_resume(listing)
+    assert plan.keep.dtype == np.bool_
+    assert plan.keep.tolist() == [p not in (changed, gone, unreadable) for p in paths]
+    assert plan.dropped == 3
+    assert plan.encode == [p for p in listing if p in (changed, unreadable, "new.jpg")]
+    with CodeIndex.open(built) as index:
+        unchanged = index.plan_resume({p: (int(a), int(b)) for p, (a, b) in zip(paths, stats)})
+    assert unchanged.keep.all() and unchanged.dropped == 0 and unchanged.encode == []
+
+
 def test_compact_keeps_rows_in_order(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(index_module, "_COMPACT_ROWS", 4)  # several chunks, straddling paths
     codes, paths, stats = expected(range(6))
