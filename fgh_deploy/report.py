@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .bits import unpack_codes
-from .errors import FghError
+from .errors import ConfigError, FghError
 from .images import ImageDecodeError, decode_image
 from .index import CodeIndex
 from .query import TIE_RULE, Hit, QueryResult
@@ -285,13 +285,13 @@ def write_html_report(
         The written file's path.
 
     Raises:
-        ValueError: ``thumb_size`` < 16, or a negative ``bit_examples`` or ``bits_shown``.
+        ConfigError: ``thumb_size`` < 16, or a negative ``bit_examples`` or ``bits_shown``.
         FghError: ``path`` is a folder or cannot be written.
     """
     if thumb_size < 16:
-        raise ValueError(f"thumb_size must be >= 16, got {thumb_size}")
+        raise ConfigError(f"thumb_size must be >= 16, got {thumb_size}")
     if bit_examples < 0 or bits_shown < 0:
-        raise ValueError(f"bit_examples and bits_shown must be >= 0, got {bit_examples} and {bits_shown}")
+        raise ConfigError(f"bit_examples and bits_shown must be >= 0, got {bit_examples} and {bits_shown}")
     thumbs = _Thumbnails(thumb_size)
     label_source = _Labels(labels)
     root = Path(index.root)

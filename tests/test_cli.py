@@ -46,6 +46,17 @@ def test_errors_are_one_line_with_a_non_zero_exit() -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--backbone", "vgg16"), "fgh: error: unknown backbone 'vgg16'; choose from resnet50, resnet18, efficientnet_lite0"),
+    (("--model", "semicon", "--bits", "5"), "fgh: error: semicon needs at least 6 bits (one per part), got 5"),
+])
+def test_library_value_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
+    # The registry's ConfigError reaches the CLI's one error boundary unconverted.
+    result = run_cli("models", *args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [message]
+
+
 def test_usage_errors_exit_2() -> None:
     assert run_cli("models", "--bits", "0").returncode == 2
 

@@ -11,6 +11,7 @@ import pytest
 
 import fgh_deploy.train.metrics as metrics
 from fgh_deploy.bits import pack_codes
+from fgh_deploy.errors import ConfigError
 from fgh_deploy.train.metrics import (
     TIE_RULES,
     evaluate_retrieval,
@@ -396,27 +397,27 @@ def test_evaluate_retrieval_keys_and_json() -> None:
 )
 def test_bad_options(tiny: tuple[np.ndarray, ...], kwargs: dict, message: str) -> None:
     q, ql, db, dbl = tiny
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         mean_average_precision(q, ql, db, dbl, **kwargs)
 
 
 def test_bad_inputs(tiny: tuple[np.ndarray, ...]) -> None:
     q, ql, db, dbl = tiny
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ConfigError, match="rows"):
         mean_average_precision(q, ql[:1], db, dbl)
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ConfigError, match="rows"):
         mean_average_precision(q, ql, db, dbl[:-1])
-    with pytest.raises(ValueError, match="code length"):
+    with pytest.raises(ConfigError, match="code length"):
         mean_average_precision(q, ql, db[:, :3], dbl)
-    with pytest.raises(ValueError, match="code length"):
+    with pytest.raises(ConfigError, match="code length"):
         mean_average_precision(pack_codes(q), ql, np.zeros((5, 2), np.uint8), dbl)
-    with pytest.raises(ValueError, match="both be class ids"):
+    with pytest.raises(ConfigError, match="both be class ids"):
         mean_average_precision(q, ql, db, np.eye(8)[dbl])
-    with pytest.raises(ValueError, match="only 0 and 1"):
+    with pytest.raises(ConfigError, match="only 0 and 1"):
         mean_average_precision(q, ql[:, None] * 3, db, dbl[:, None] * 3)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ConfigError, match="NaN"):
         mean_average_precision(np.full_like(q, np.nan), ql, db, dbl)
-    with pytest.raises(ValueError, match="radius"):
+    with pytest.raises(ConfigError, match="radius"):
         precision_within_radius(q, ql, db, dbl, radius=-1)
-    with pytest.raises(ValueError, match="no query"):
+    with pytest.raises(ConfigError, match="no query"):
         mean_average_precision(q[:0], ql[:0], db, dbl)

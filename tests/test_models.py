@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fgh_deploy as fgh
+from fgh_deploy.errors import ConfigError
 from fgh_deploy.models import register_model
 from fgh_deploy.models.semicon import code_split
 
@@ -59,7 +60,7 @@ def test_semicon_split_matches_the_published_lengths() -> None:
 
 
 def test_semicon_refuses_fewer_than_six_bits() -> None:
-    with pytest.raises(ValueError, match="at least 6 bits"):
+    with pytest.raises(ConfigError, match="at least 6 bits"):
         build("semicon", 5)
 
 
@@ -157,11 +158,17 @@ def test_agmh_runs_its_last_stage_at_stride_one(images: torch.Tensor) -> None:
 
 
 def test_unknown_names_and_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="choose from adsh, a2net, semicon, agmh"):
+    # ConfigError: an FghError (one line at the CLI) and a ValueError (what Python callers catch).
+    assert issubclass(ConfigError, fgh.FghError) and issubclass(ConfigError, ValueError)
+    with pytest.raises(ConfigError, match="choose from adsh, a2net, semicon, agmh"):
         fgh.build_model("resnet", 12)
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ConfigError, match="unknown backbone"):
         fgh.build_model("adsh", 12, backbone="vgg16")
-    with pytest.raises(ValueError, match="unknown option.*num_part"):
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        fgh.build_backbone("vgg16")
+    with pytest.raises(ConfigError, match="num_parts must be in 1..256"):
+        fgh.build_model("a2net", 12, backbone="resnet18", num_parts=0)
+    with pytest.raises(ConfigError, match="unknown option.*num_part"):
         fgh.build_model("a2net", 12, backbone="resnet18", num_part=4)
 
 

@@ -20,6 +20,7 @@ import fgh_deploy
 from fgh_deploy.bits import pack_codes
 from fgh_deploy.config import PreprocessConfig
 from fgh_deploy.demo_data import generate_demo_dataset
+from fgh_deploy.errors import ConfigError
 from fgh_deploy.index import CodeIndex
 from fgh_deploy.query import TIE_RULE, QueryResult, search_codes
 from fgh_deploy.report import label_from_path, query_label, write_html_report
@@ -207,9 +208,9 @@ def test_unreadable_images_get_a_placeholder(tmp_path: Path) -> None:
 
 def test_bad_arguments(setup: tuple[CodeIndex, list[QueryResult], Path], tmp_path: Path) -> None:
     index, results, _ = setup
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         write_html_report(tmp_path / "r.html", results, index=index, thumb_size=8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         write_html_report(tmp_path / "r.html", results, index=index, bit_examples=-1)
     assert not (tmp_path / "r.html").exists()
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fgh_deploy.config import PreprocessConfig
+from fgh_deploy.errors import ConfigError
 from fgh_deploy.models import build_model
 
 from .data import LabeledImageDataset, Sample
@@ -67,12 +68,12 @@ def itq_projection(database: torch.Tensor, bits: int, iterations: int = ITQ_ITER
     ``R = U Wᵀ`` of ``Vᵀ B = U Σ Wᵀ``, from a random orthogonal start (V = the PCA projections).
 
     Raises:
-        ValueError: ``bits`` exceeds what PCA of ``database`` can give (its rank bound).
+        ConfigError: ``bits`` exceeds what PCA of ``database`` can give (its rank bound).
     """
     x = database.double()
     n, d = x.shape
     if bits > min(n, d):
-        raise ValueError(f"ITQ needs bits ≤ min(images, feature dimension) = {min(n, d)}, got {bits}")
+        raise ConfigError(f"ITQ needs bits ≤ min(images, feature dimension) = {min(n, d)}, got {bits}")
     mean = x.mean(0)
     centred = x - mean
     _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
@@ -150,7 +151,7 @@ def evaluate_baselines(query: torch.Tensor, q_labels: np.ndarray, database: torc
     for name, fit in (("lsh", lsh_projection), ("itq", itq_projection)):
         try:
             mean, projection = fit(database, bits, seed=seed)
-        except ValueError as exc:
+        except ConfigError as exc:
             results[name] = {"unavailable": str(exc)}
             continue
         results[name] = evaluate_retrieval(project_codes(query, mean, projection), q_labels,

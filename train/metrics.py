@@ -32,6 +32,9 @@ Inputs: codes are real-valued ``(n, bits)`` arrays (±1 or tanh outputs, packed 
 :func:`fgh_deploy.bits.pack_codes`, ``u >= 0`` → 1) or already-packed ``uint8`` ``(n, bytes)``.
 Queries and database may mix the two forms. All work runs over chunks of queries, so memory
 stays bounded for any database size.
+
+Bad arguments (shapes, dtypes, labels, tie rules, cut-offs) raise
+:class:`~fgh_deploy.errors.ConfigError`, a :class:`ValueError` that the CLI shows as one line.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fgh_deploy.bits import pack_codes
-from fgh_deploy.errors import FghError
+from fgh_deploy.errors import ConfigError, FghError
 from fgh_deploy.search import HammingSearcher
 from fgh_deploy.utils import check_int
 
@@ -82,7 +85,7 @@ def hamming_rank(query_codes: Any, db_codes: Any) -> np.ndarray:
         ``(distance, row)``.
 
     Raises:
-        ValueError: Bad shapes or dtypes, or queries and database of different code lengths.
+        ConfigError: Bad shapes or dtypes, or queries and database of different code lengths.
     """
     queries, searcher = _prepare_codes(query_codes, db_codes)
     dtype = _distance_dtype(searcher.code_size)
@@ -148,14 +151,14 @@ def mean_average_precision(
         mAP in ``[0, 1]``.
 
     Raises:
-        ValueError: Bad codes or labels, mismatched lengths, an unknown tie rule, ``topk`` < 1,
+        ConfigError: Bad codes or labels, mismatched lengths, an unknown tie rule, ``topk`` < 1,
             or ``legacy_drop_last`` with a ``topk``.
     """
     _check_ties(ties)
     ctx = _Context(q_codes, q_labels, db_codes, db_labels, seed=seed)
     if legacy_drop_last:
         if topk is not None:
-            raise ValueError(
+            raise ConfigError(
                 "legacy_drop_last reproduces topk=-1 (mAP@all minus the last item); "
                 f"it cannot be combined with topk={topk!r}"
             )
@@ -194,7 +197,7 @@ def precision_at_k(
         Precision@k in ``[0, 1]``.
 
     Raises:
-        ValueError: Bad inputs, an unknown tie rule or ``k`` < 1.
+        ConfigError: Bad inputs, an unknown tie rule or ``k`` < 1.
     """
     _check_ties(ties)
     ctx = _Context(q_codes, q_labels, db_codes, db_labels, seed=seed)
@@ -231,7 +234,7 @@ def recall_at_k(
         Recall@k in ``[0, 1]``.
 
     Raises:
-        ValueError: Bad inputs, an unknown tie rule or ``k`` < 1.
+        ConfigError: Bad inputs, an unknown tie rule or ``k`` < 1.
     """
     _check_ties(ties)
     ctx = _Context(q_codes, q_labels, db_codes, db_labels, seed=seed)
@@ -263,10 +266,10 @@ def precision_within_radius(
         precision 0 and make up ``empty_fraction``.
 
     Raises:
-        ValueError: Bad inputs or ``radius`` < 0.
+        ConfigError: Bad inputs or ``radius`` < 0.
     """
     ctx = _Context(q_codes, q_labels, db_codes, db_labels)
-    radius = check_int(radius, "radius", minimum=0, error=ValueError)
+    radius = check_int(radius, "radius", minimum=0, error=ConfigError)
     precision, empty = 0.0, 0
     for chunk in ctx.chunks():
         chunk_precision, chunk_empty = chunk.radius_precision(radius)
@@ -315,11 +318,11 @@ def evaluate_retrieval(
           database, the expected precision@k of a random ranking for any k.
 
     Raises:
-        ValueError: Bad inputs, an unknown tie rule, a cut-off < 1 or ``radius`` < 0.
+        ConfigError: Bad inputs, an unknown tie rule, a cut-off < 1 or ``radius`` < 0.
     """
     _check_ties(ties)
     ctx = _Context(q_codes, q_labels, db_codes, db_labels, seed=seed)
-    radius = check_int(radius, "radius", minimum=0, error=ValueError)
+    radius = check_int(radius, "radius", minimum=0, error=ConfigError)
     cutoffs = {k: ctx.cutoff(k) for k in topks}
     all_rules = ["index", "expected", "best", "worst"] + (["random"] if ties == "random" else [])
 
@@ -371,14 +374,14 @@ class _Context:
         self.num_queries = len(self.queries)
         self.num_database = self.searcher.ntotal
         if self.num_queries == 0:
-            raise ValueError("no query codes: metrics average over queries")
+            raise ConfigError("no query codes: metrics average over queries")
         if self.num_database == 0:
-            raise ValueError("the database is empty")
+            raise ConfigError("the database is empty")
         self.q_labels, self.db_labels, self.multi_label = _prepare_labels(
             q_labels, db_labels, self.num_queries, self.num_database
         )
         self.num_groups = 8 * self.searcher.code_size + 1
-        self.seed = check_int(seed, "seed", minimum=0, error=ValueError)
+        self.seed = check_int(seed, "seed", minimum=0, error=ConfigError)
         counts = np.arange(1, self.num_database + 1, dtype=np.float64)
         # H[i] = 1 + 1/2 + ... + 1/i and log(i!) for i = 0..nd: every closed form below
         # indexes them with item counts, which never exceed nd.
@@ -394,7 +397,7 @@ class _Context:
         """Items kept per ranking: ``topk`` clamped to the database size, ``None`` = all."""
         if topk is None:
             return self.num_database
-        return min(check_int(topk, "topk", minimum=1, error=ValueError), self.num_database)
+        return min(check_int(topk, "topk", minimum=1, error=ConfigError), self.num_database)
 
     def chunks(self) -> Iterator[_Chunk]:
         """Distances and relevance for consecutive blocks of queries."""
@@ -699,11 +702,11 @@ def _prepare_codes(query_codes: Any, db_codes: Any) -> tuple[np.ndarray, Hamming
     queries, query_bits = _as_packed(query_codes, "query codes")
     database, db_bits = _as_packed(db_codes, "database codes")
     if query_bits is not None and db_bits is not None and query_bits != db_bits:
-        raise ValueError(
+        raise ConfigError(
             f"code length mismatch: queries have {query_bits} bits, database {db_bits}"
         )
     if queries.shape[1] != database.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"code length mismatch: queries pack into {queries.shape[1]} bytes per code, "
             f"database into {database.shape[1]}"
         )
@@ -716,21 +719,21 @@ def _as_packed(codes: Any, name: str) -> tuple[np.ndarray, int | None]:
         codes = codes.detach().cpu().numpy()
     arr = np.asarray(codes)
     if arr.ndim != 2:
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be 2-D (n, bits) or packed (n, bytes), got shape {arr.shape}"
         )
     if arr.shape[1] == 0:
-        raise ValueError(f"{name} have 0 bits per code")
+        raise ConfigError(f"{name} have 0 bits per code")
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr), None
     if arr.dtype.kind not in "fi":
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be real-valued (±1 or tanh) or packed uint8, got dtype {arr.dtype}"
         )
     try:
         return pack_codes(arr), arr.shape[1]
-    except FghError as exc:  # NaN codes: a caller error, reported as one
-        raise ValueError(f"{name}: {exc}") from None
+    except FghError as exc:  # NaN codes: named here, as a bad argument like the others
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _prepare_labels(
@@ -745,14 +748,14 @@ def _prepare_labels(
     query = _as_labels(q_labels, "query labels", num_queries)
     database = _as_labels(db_labels, "database labels", num_database)
     if query.ndim != database.ndim:
-        raise ValueError(
+        raise ConfigError(
             "query and database labels must both be class ids (n,) or both multi-hot (n, C), "
             f"got shapes {query.shape} and {database.shape}"
         )
     if query.ndim == 1:
         return query.astype(np.int64), database.astype(np.int64), False
     if query.shape[1] != database.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"multi-hot labels disagree on the class count: queries {query.shape[1]}, "
             f"database {database.shape[1]}"
         )
@@ -768,19 +771,19 @@ def _as_labels(labels: Any, name: str, expected_rows: int) -> np.ndarray:
         labels = labels.detach().cpu().numpy()
     arr = np.asarray(labels)
     if arr.ndim not in (1, 2):
-        raise ValueError(
+        raise ConfigError(
             f"{name} must be class ids (n,) or multi-hot (n, C), got shape {arr.shape}"
         )
     if len(arr) != expected_rows:
-        raise ValueError(f"{name} have {len(arr)} rows but there are {expected_rows} codes")
+        raise ConfigError(f"{name} have {len(arr)} rows but there are {expected_rows} codes")
     if arr.ndim == 1:
         if arr.dtype.kind not in "iu":
-            raise ValueError(f"{name} as class ids must be integers, got dtype {arr.dtype}")
+            raise ConfigError(f"{name} as class ids must be integers, got dtype {arr.dtype}")
         return arr
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be numeric or bool, got dtype {arr.dtype}")
+        raise ConfigError(f"{name} must be numeric or bool, got dtype {arr.dtype}")
     if not np.isin(arr, (0, 1)).all():
-        raise ValueError(
+        raise ConfigError(
             f"{name} are 2-D, so they are read as multi-hot and must hold only 0 and 1; "
             "pass class ids as a 1-D array"
         )
@@ -800,6 +803,6 @@ def _chunk_bounds(num_queries: int, num_database: int) -> Iterator[tuple[int, in
 
 
 def _check_ties(ties: str) -> None:
-    """Raise ValueError unless ``ties`` is one of :data:`TIE_RULES`."""
+    """Raise :class:`ConfigError` unless ``ties`` is one of :data:`TIE_RULES`."""
     if ties not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIE_RULES)}")
+        raise ConfigError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIE_RULES)}")

@@ -1,4 +1,9 @@
-"""Create hashing models by name (a strict registry, as in torchvision)."""
+"""Create hashing models by name (a strict registry, as in torchvision).
+
+A user's mistake (an unknown model or backbone, an unknown or mistyped option, too few bits)
+raises :class:`~fgh_deploy.errors.ConfigError` naming the valid choices, so the CLI shows it as
+one line; registering a name twice is a programming error and stays a plain ``ValueError``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..backbones import PretrainedArg, backbone_normalization, build_backbone, list_backbones
+from ..backbones import PretrainedArg, backbone_normalization, build_backbone, check_backbone
 from ..config import HashConfig, PreprocessConfig
+from ..errors import ConfigError
 from ..utils import terminal_safe
 from ._base import HashModel
 
@@ -40,12 +46,14 @@ def register_model(name: str, *, options: type, summary: str, paper: str) -> Cal
 
 
 def list_models() -> list[str]:
+    """The registered model names, in registration order (the baseline first)."""
     return list(_MODELS)
 
 
 def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; an unknown name is a :class:`ConfigError` listing the valid ones."""
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(_MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; choose from {', '.join(_MODELS)}")
     return _MODELS[name]
 
 
@@ -56,12 +64,12 @@ def default_preprocess(backbone: str, input_size: int = 224) -> PreprocessConfig
 
 
 def resolve_options(name: str, options: dict[str, Any]) -> Any:
-    """Validate ``options`` against the model's options dataclass; unknown keys raise ValueError."""
+    """``options`` as the model's options dataclass; unknown keys and wrong types raise :class:`ConfigError`."""
     entry = model_entry(name)
     known = {f.name for f in dataclasses.fields(entry.options)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known)) or 'none'}")
+        raise ConfigError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known)) or 'none'}")
     defaults = entry.options()
     for key, value in options.items():
         _check_option_type(name, key, value, getattr(defaults, key))
@@ -79,18 +87,21 @@ def _check_option_type(model: str, key: str, value: Any, default: Any) -> None:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ValueError(f"{model}: option {key} must be {type(default).__name__} "
+        raise ConfigError(f"{model}: option {key} must be {type(default).__name__} "
                          f"(like {default!r}), got {terminal_safe(repr(value))[:60]}")
 
 
 def build_model_from_config(config: HashConfig, preprocess: PreprocessConfig | None = None,
                             pretrained: PretrainedArg = False) -> HashModel:
-    """Rebuild a model from a :class:`HashConfig` (as stored in checkpoints)."""
+    """Rebuild a model from a :class:`HashConfig` (as stored in checkpoints).
+
+    Raises:
+        ConfigError: an unknown model or backbone, bits < 1, or options the model refuses.
+    """
     entry = model_entry(config.model)
-    if config.backbone not in list_backbones():
-        raise ValueError(f"unknown backbone {config.backbone!r}; choose from {', '.join(list_backbones())}")
+    check_backbone(config.backbone)
     if config.bits < 1:
-        raise ValueError(f"bits must be positive, got {config.bits}")
+        raise ConfigError(f"bits must be positive, got {config.bits}")
     opts = resolve_options(config.model, config.options)
     # Store every option value, defaults included, so a checkpoint says exactly what it is.
     config = HashConfig(config.model, config.bits, config.backbone, dataclasses.asdict(opts))
@@ -115,6 +126,10 @@ def build_model(name: str, bits: int, *, backbone: str = "resnet50", pretrained:
 
     Returns:
         The model in training mode; ``model.eval()(uint8 images)`` gives (B, bits) tanh codes.
+
+    Raises:
+        ConfigError: an unknown model or backbone, bits < 1, or options the model refuses.
+        FghError: ``pretrained`` weights that cannot be found or loaded.
     """
     config = HashConfig(name, int(bits), backbone, dict(options))
     return build_model_from_config(config, default_preprocess(backbone, input_size), pretrained)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import HashConfig, PreprocessConfig
+from ..errors import ConfigError
 from ._base import TRAINING_OUTPUTS, HashModel
 from ._registry import register_model
 from .layers import AttentionHead, RefineStage, SlimAttentionStack, global_pool
@@ -42,7 +43,7 @@ class A2NetOptions:
     def __post_init__(self) -> None:
         # Bounded because options also come from files: a hostile num_parts must not exhaust memory.
         if not 1 <= self.num_parts <= MAX_PARTS:
-            raise ValueError(f"a2net: num_parts must be in 1..{MAX_PARTS}, got {self.num_parts}")
+            raise ConfigError(f"a2net: num_parts must be in 1..{MAX_PARTS}, got {self.num_parts}")
 
 
 @register_model("a2net", options=A2NetOptions, summary="M attention parts + global, tied decoder (training)",

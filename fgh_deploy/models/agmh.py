@@ -30,6 +30,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import HashConfig, PreprocessConfig
+from ..errors import ConfigError
 from ._base import TRAINING_OUTPUTS, HashModel
 from ._registry import register_model
 from .layers import global_pool
@@ -85,7 +86,7 @@ class AGMHOptions:
     def __post_init__(self) -> None:
         # Bounded because options also come from files: hostile sizes must not exhaust memory.
         if not 1 <= self.num_branches <= 64 or not 1 <= self.branch_channels <= 4096:
-            raise ValueError(f"agmh: num_branches must be in 1..64 and branch_channels in 1..4096, "
+            raise ConfigError(f"agmh: num_branches must be in 1..64 and branch_channels in 1..4096, "
                              f"got {self.num_branches} and {self.branch_channels}")
 
 

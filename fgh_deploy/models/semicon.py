@@ -31,6 +31,7 @@ from torch import nn
 
 from ..backbones import Backbone
 from ..config import HashConfig, PreprocessConfig
+from ..errors import ConfigError
 from ._base import HashModel
 from ._registry import register_model
 from .layers import AttentionHead, RefineStage, SlimAttentionStack, global_pool
@@ -39,9 +40,13 @@ NUM_PARTS = 3
 
 
 def code_split(bits: int) -> tuple[int, int]:
-    """(global bits, bits per local part): k_l = ⌊k/6⌋, k_g = k − 3·k_l."""
+    """(global bits, bits per local part): k_l = ⌊k/6⌋, k_g = k − 3·k_l.
+
+    Raises:
+        ConfigError: fewer than 6 bits (each of the three parts needs at least one).
+    """
     if bits < 2 * NUM_PARTS:
-        raise ValueError(f"semicon needs at least {2 * NUM_PARTS} bits (one per part), got {bits}")
+        raise ConfigError(f"semicon needs at least {2 * NUM_PARTS} bits (one per part), got {bits}")
     per_part = bits // (2 * NUM_PARTS)
     return bits - NUM_PARTS * per_part, per_part
 
