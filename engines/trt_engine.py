@@ -1,6 +1,6 @@
 """TensorRT backend: an fgh ``.engine`` file run through the name-based tensor API (TensorRT 10.x and 11.x).
 
-The engine file's header (see :mod:`export.tensorrt`) is read and checked against the installed
+The engine file's header (see :mod:`.trt_format`) is read and checked against the installed
 TensorRT and the current GPU before the plan is deserialised, so a plan built elsewhere is refused
 with the command that rebuilds it instead of failing inside TensorRT, and the plan bytes are
 checked against the header's digest before TensorRT deserialises them. Device buffers are torch
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fgh_deploy.export.tensorrt import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
-                             read_engine_header, read_verified_plan)
 from fgh_deploy.config import HashConfig, PreprocessConfig
 from fgh_deploy.errors import BackendUnavailableError, FghError
 from fgh_deploy.utils import check_device, display_path, resolve_device, terminal_safe
 
 from .base import Engine
+from .trt_format import (check_engine_compatible, cuda_device_info, dtype_name, get_logger, import_tensorrt,
+                         read_engine_header, read_verified_plan)
 
 log = logging.getLogger(__name__)
 

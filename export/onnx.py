@@ -7,31 +7,19 @@ Runtime runs; the dynamo exporter (the default since torch 2.9) supports 18 and 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from fgh_deploy.config import parse_json_object
-from fgh_deploy.errors import FghError
-from fgh_deploy.utils import display_path
+from fgh_deploy.engines.onnx_format import INPUT_NAME, MAX_BATCH, OUTPUT_NAME, seal_metadata
 
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 20
-INPUT_NAME = "images"
-OUTPUT_NAME = "codes"
-METADATA_KEY = "fgh"
-#: Largest batch an exported graph (and a TensorRT profile) takes.
-MAX_BATCH = 4096
-#: The metadata field that ties the metadata to the graph it describes (see :func:`graph_digest`).
-DIGEST_KEY = "integrity_sha256"
 
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, opset: int = ONNX_OPSET,
@@ -43,7 +31,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, opset: int =
         path: output ``.onnx`` file.
         opset: ONNX opset (default 20, see the module docstring).
         metadata: JSON-serialisable dict stored under the ``fgh`` key of the model's metadata_props,
-            sealed with the :func:`graph_digest` of the exported graph under ``integrity_sha256``.
+            sealed with the digest of the exported graph under ``integrity_sha256``
+            (:func:`fgh_deploy.engines.onnx_format.seal_metadata`).
         check: run ``onnx.checker`` with ``full_check=True`` on the result.
 
     Returns:
@@ -67,9 +56,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, opset: int =
         )
     proto = program.model_proto
     if metadata is not None:
-        sealed = {**metadata, DIGEST_KEY: graph_digest(proto, metadata)}
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(sealed, sort_keys=True)
+        seal_metadata(proto, metadata)
     tmp = path.with_name(f".{path.name}.tmp")
     onnx.save_model(proto, tmp)
     os.replace(tmp, path)
@@ -96,69 +83,3 @@ class HalfPrecisionModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.model.normalize(images).half()
         return self.model.codes(self.model.encode_features(x)).float()
-
-
-def graph_digest(proto: Any, metadata: dict[str, Any]) -> str:
-    """sha256 over fgh's metadata and everything the graph computes with.
-
-    Covers the metadata (all but its ``integrity_sha256`` field), every initializer's name, dtype,
-    shape and values, and the rest of the model (nodes with their attributes and constants,
-    inputs, outputs, opsets, functions) with its metadata_props left out. Initializers are hashed
-    as numpy arrays, so the digest does not depend on how a tensor is stored (raw bytes or typed
-    fields); the rest is protobuf's deterministic serialisation, whose bytes are fixed by the
-    schema's field numbers (ONNX has no map fields), not by the protobuf or onnx version.
-
-    The digest detects an ONNX file or its metadata changed after export; anyone with fgh can
-    recompute it, so it is not a signature.
-
-    Raises:
-        FghError: an initializer stored outside the file (fgh exports are self-contained).
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    digest = hashlib.sha256()
-    fields = {key: value for key, value in metadata.items() if key != DIGEST_KEY}
-    digest.update(json.dumps(fields, sort_keys=True).encode())
-    for tensor in sorted(proto.graph.initializer, key=lambda t: t.name):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise FghError(f"initializer {tensor.name!r} is stored outside the file; fgh exports are self-contained")
-        array = numpy_helper.to_array(tensor)
-        digest.update(f"{len(tensor.name)}:{tensor.name}|{array.dtype.str}|{array.shape}|".encode())
-        if array.dtype.kind == "O":  # string tensors: their bytes, not the object pointers
-            digest.update(json.dumps([str(v) for v in array.ravel()]).encode())
-        else:
-            digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(proto)
-    skeleton.graph.ClearField("initializer")
-    skeleton.ClearField("metadata_props")
-    digest.update(skeleton.SerializeToString(deterministic=True))
-    return digest.hexdigest()
-
-
-def metadata_of(proto: Any) -> dict[str, Any] | None:
-    """The ``fgh`` metadata dict of a loaded model (None when it has none).
-
-    Raises:
-        FghError: the entry is not a JSON object (or is nested implausibly deep); the caller names the file.
-    """
-    for entry in proto.metadata_props:
-        if entry.key == METADATA_KEY:
-            return parse_json_object(entry.value, "fgh metadata")
-    return None
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``fgh`` metadata dict stored by :func:`export_onnx` ({} if absent).
-
-    Raises:
-        FghError: the metadata entry is not a JSON object.
-    """
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    try:
-        return metadata_of(proto) or {}
-    except FghError as exc:
-        raise FghError(f"{display_path(path)}: {exc}") from None

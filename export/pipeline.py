@@ -1,7 +1,7 @@
 """``fgh export``: checkpoint → ONNX (+ parity) → FP16 ONNX (+ parity) → TensorRT engine (+ parity).
 
 Every stage logs one line when it starts and one when it ends (tool version, artefact size,
-time), like Ultralytics' exporter; the summary ends with ready-to-paste next commands.
+time) through :func:`.stages.stage`; the summary ends with ready-to-paste next commands.
 """
 
 from __future__ import annotations
@@ -10,20 +10,24 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fgh_deploy.checkpoint import load_checkpoint
+from fgh_deploy.checkpoint import Checkpoint, load_checkpoint
+from fgh_deploy.engines.onnx_format import INPUT_NAME, OUTPUT_NAME
 from fgh_deploy.errors import BackendUnavailableError, FghError
 from fgh_deploy.utils import display_path, sha256_file, terminal_safe
 from fgh_deploy.version import __version__
 
 from .calibration import calibration_images
-from .onnx import INPUT_NAME, MAX_BATCH, ONNX_OPSET, OUTPUT_NAME, HalfPrecisionModel, export_onnx
+from .onnx import ONNX_OPSET, HalfPrecisionModel, export_onnx
 from .parity import DEFAULT_MIN_AGREEMENT, ParityReport, compare_codes
+from .stages import file_size, note, stage
+from .tensorrt import TrtBuildOptions
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +55,8 @@ class ExportResult:
                 "seconds": round(self.seconds, 2), "next_commands": self.next_commands}
 
 
-def _mb(path: Path) -> str:
-    return f"{path.stat().st_size / 1e6:.1f} MB"
-
-
-def _onnx_metadata(ckpt, checkpoint: Path, precision: str) -> dict[str, Any]:
-
+def _onnx_metadata(ckpt: Checkpoint, checkpoint: Path, precision: str) -> dict[str, Any]:
+    """The ``fgh`` metadata of an exported graph (and the caller's fields of an engine header)."""
     size = ckpt.preprocess.input_size
     return {
         "fgh_version": __version__,
@@ -76,34 +76,43 @@ def _onnx_metadata(ckpt, checkpoint: Path, precision: str) -> dict[str, Any]:
 def _onnx_stage(model: torch.nn.Module, path: Path, metadata: dict[str, Any], label: str) -> Path:
     import onnx
 
-    tick = time.perf_counter()
-    log.info("%s: starting export with torch %s, onnx %s, opset %d (dynamic batch) ...", label,
-             torch.__version__.split("+")[0], onnx.__version__, ONNX_OPSET)
-    export_onnx(model, path, metadata=metadata)
-    log.info("%s: export success %.1fs, checker passed, saved as '%s' (%s)", label, time.perf_counter() - tick,
-             display_path(path), _mb(path))
+    with stage(label, f"starting export with torch {torch.__version__.split('+')[0]}, onnx {onnx.__version__}, "
+                      f"opset {ONNX_OPSET} (dynamic batch) ...") as current:
+        current.saved = export_onnx(model, path, metadata=metadata, check=True)
+        current.checked = "checker passed"
     return path
 
 
-def _ort_parity(path: Path, images: torch.Tensor, reference, name: str, min_agreement: float) -> ParityReport:
+@dataclass(frozen=True)
+class _Reference:
+    """PyTorch's codes for the calibration images: what every exported artefact is compared with."""
+
+    images: torch.Tensor
+    codes: np.ndarray
+    source: str
+    min_agreement: float
+
+    def compare(self, codes: np.ndarray, label: str, runtime: str) -> ParityReport:
+        """The parity report of ``codes``, logged as one ``Parity:`` line."""
+        report = compare_codes(self.codes, codes, name=f"{label} vs PyTorch ({self.source})", runtime=runtime,
+                               min_agreement=self.min_agreement)
+        note("Parity", report.summary())
+        return report
+
+
+def _ort_parity(path: Path, label: str, reference: _Reference) -> ParityReport:
     import onnxruntime as ort
 
     from fgh_deploy.engines.onnx_engine import OnnxEngine
 
     engine = OnnxEngine(path)
-    codes = engine.encode(images)
-    runtime = f"onnxruntime {ort.__version__}, {engine.providers[0]}"
-    report = compare_codes(reference, codes, name=name, runtime=runtime, min_agreement=min_agreement)
-    log.info("Parity: %s", report.summary())
-    return report
+    codes = engine.encode(reference.images)
+    return reference.compare(codes, label, f"onnxruntime {ort.__version__}, {engine.providers[0]}")
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLike | None = None,
-                      fp16: bool = False, trt: bool = False, trt_precision: str = "fp16",
+                      fp16: bool = False, trt_options: TrtBuildOptions | None = None,
                       calib: str | os.PathLike | None = None, calib_count: int = 32,
-                      batch: tuple[int, int, int] = (1, 16, 64), workspace_gib: float = 2.0,
-                      optimization_level: int = 3, dla_core: int | None = None,
-                      timing_cache: str | os.PathLike | None = None,
                       min_agreement: float = DEFAULT_MIN_AGREEMENT) -> ExportResult:
     """Export a checkpoint's inference path and check every artefact against PyTorch.
 
@@ -111,15 +120,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
         checkpoint: the ``.pt`` file.
         out_dir: where artefacts go (default: next to the checkpoint), named after its stem.
         fp16: also write an FP16 ONNX graph (FP32 islands kept) and check it.
-        trt: build a TensorRT engine (needs TensorRT and a GPU).
-        trt_precision: ``fp16`` (default) or ``fp32`` engine.
+        trt_options: build a TensorRT engine with these options (needs TensorRT and a GPU); None:
+            no engine. Without a ``timing_cache`` the build keeps one next to the engine.
         calib: folder of real images for the parity checks (default: built-in synthetic images).
         calib_count: images used for parity.
-        batch: TensorRT optimisation profile (min, opt, max batch).
-        workspace_gib: TensorRT workspace limit.
-        optimization_level: TensorRT builder optimisation level 0–5.
-        dla_core: build for this DLA core with GPU fallback (Jetson).
-        timing_cache: TensorRT timing cache file, reused between builds.
         min_agreement: bit agreement below which the export fails.
 
     Returns:
@@ -127,8 +131,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
-    if trt and batch[2] > MAX_BATCH:
-        raise FghError(f"--batch: MAX is at most {MAX_BATCH}, got {batch[2]}")
     ckpt = load_checkpoint(checkpoint)
     model = ckpt.build_model("cpu")
     out = Path(out_dir) if out_dir else checkpoint.parent
@@ -142,35 +144,34 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
     stem = checkpoint.stem
     size, bits = ckpt.preprocess.input_size, ckpt.config.bits
     result = ExportResult(checkpoint)
-    log.info("PyTorch: starting from '%s' (%s %d bits, %s) with input shape (B, 3, %d, %d) uint8 and output "
-             "shape (B, %d) float32 (%s)", display_path(checkpoint), ckpt.config.model, bits, ckpt.config.backbone,
-             size, size, bits, _mb(checkpoint))
-    images, source = calibration_images(calib, ckpt.preprocess, calib_count)
-    with torch.no_grad():
-        reference = model(images).numpy()
+    with stage("PyTorch", f"starting from '{display_path(checkpoint)}' ({ckpt.config.model} {bits} bits, "
+                          f"{ckpt.config.backbone}) with input shape (B, 3, {size}, {size}) uint8 and output shape "
+                          f"(B, {bits}) float32 ({file_size(checkpoint)})"):
+        images, source = calibration_images(calib, ckpt.preprocess, calib_count)
+        with torch.no_grad():
+            reference = _Reference(images, model(images).numpy(), source, min_agreement)
 
     onnx_path = _onnx_stage(model, out / f"{stem}.onnx", _onnx_metadata(ckpt, checkpoint, "fp32"), "ONNX")
     result.artifacts["onnx"] = onnx_path
-    result.parity.append(_ort_parity(onnx_path, images, reference, f"ONNX FP32 vs PyTorch ({source})",
-                                     min_agreement))
+    result.parity.append(_ort_parity(onnx_path, "ONNX FP32", reference))
     engine_onnx = onnx_path
-    if fp16 or (trt and trt_precision == "fp16"):
+    if fp16 or (trt_options is not None and trt_options.precision == "fp16"):
         half_path = _onnx_stage(HalfPrecisionModel(model), out / f"{stem}.fp16.onnx",
                                 _onnx_metadata(ckpt, checkpoint, "fp16"), "ONNX FP16")
         result.artifacts["onnx_fp16"] = half_path
-        result.parity.append(_ort_parity(half_path, images, reference, f"ONNX FP16 vs PyTorch ({source})",
-                                         min_agreement))
+        result.parity.append(_ort_parity(half_path, "ONNX FP16", reference))
         engine_onnx = half_path
-    if trt:
+    if trt_options is not None:
+        if trt_options.timing_cache is None:
+            trt_options = replace(trt_options, timing_cache=out / f"{stem}.timing.cache")
         try:
-            result.artifacts["engine"], report = _trt_stage(
-                ckpt, checkpoint, onnx_path, engine_onnx, out, stem, images, reference, source, trt_precision, batch,
-                workspace_gib, optimization_level, dla_core, timing_cache, min_agreement)
+            result.artifacts["engine"], report = _trt_stage(ckpt, checkpoint, onnx_path, engine_onnx, out / stem,
+                                                            reference, trt_options)
             result.parity.append(report)
         except BackendUnavailableError as exc:
             # Everything else is done: say what could not be, and keep the ONNX files for the target.
             result.skipped["tensorrt"] = str(exc)
-            log.info("TensorRT: skipped: %s", exc)
+            note("TensorRT", f"skipped: {exc}")
     result.seconds = time.perf_counter() - started
     deploy = result.artifacts.get("engine") or result.artifacts["onnx"]
     result.next_commands = [
@@ -185,37 +186,35 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
     return result
 
 
-def _trt_stage(ckpt, checkpoint: Path, onnx_fp32: Path, onnx_for_engine: Path, out: Path, stem: str,
-               images: torch.Tensor, reference, source: str, precision: str, batch: tuple[int, int, int],
-               workspace_gib: float, optimization_level: int, dla_core: int | None,
-               timing_cache: str | os.PathLike | None, min_agreement: float) -> tuple[Path, ParityReport]:
-    from fgh_deploy.engines.trt_engine import TensorRTEngine
+def _trt_stage(ckpt: Checkpoint, checkpoint: Path, onnx_fp32: Path, onnx_for_engine: Path, out_stem: Path,
+               reference: _Reference, options: TrtBuildOptions) -> tuple[Path, ParityReport]:
+    """Build the engine next to the ONNX files and check its codes against PyTorch's.
 
-    from .tensorrt import api_family, build_engine, engine_file_name, import_tensorrt
+    ``onnx_for_engine`` is the FP16 graph when one was written: a strongly typed FP16 build needs it.
+    """
+    from fgh_deploy.engines.trt_engine import TensorRTEngine
+    from fgh_deploy.engines.trt_format import api_family, cuda_device_info, import_tensorrt
+
+    from .tensorrt import build_engine, engine_file_name
 
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise BackendUnavailableError("TensorRT engines are built on the GPU they will run on, and CUDA is not "
                                       "available here; copy the checkpoint to the target and run fgh export there")
     family = api_family(trt)
-    major, minor = torch.cuda.get_device_capability()
-    engine_path = out / engine_file_name(stem, precision, f"{major}.{minor}", trt.__version__)
+    gpu_name, compute_capability = cuda_device_info()
+    engine_path = out_stem.with_name(engine_file_name(out_stem.name, options.precision, compute_capability,
+                                                      trt.__version__))
     # 11.x is strongly typed: precision comes from the graph. 10.x takes the FP32 graph + FP16 flag.
-    source_onnx = onnx_for_engine if (family >= 11 and precision == "fp16") else onnx_fp32
-    rebuild = (f"fgh export {shlex.quote(str(checkpoint))} --trt --batch {','.join(map(str, batch))}"
-               + (f" --dla-core {dla_core}" if dla_core is not None else ""))
-    header = {**_onnx_metadata(ckpt, checkpoint, precision), "onnx_sha256": sha256_file(source_onnx),
+    source_onnx = onnx_for_engine if (family >= 11 and options.precision == "fp16") else onnx_fp32
+    rebuild = (f"fgh export {shlex.quote(str(checkpoint))} --trt --batch {','.join(map(str, options.batch))}"
+               + (f" --dla-core {options.dla_core}" if options.dla_core is not None else ""))
+    header = {**_onnx_metadata(ckpt, checkpoint, options.precision), "onnx_sha256": sha256_file(source_onnx),
               "rebuild": rebuild}
-    tick = time.perf_counter()
-    build_engine(source_onnx, engine_path, precision=precision, batch=batch, workspace_gib=workspace_gib,
-                 optimization_level=optimization_level, dla_core=dla_core,
-                 timing_cache=Path(timing_cache) if timing_cache else out / f"{stem}.timing.cache",
-                 header=header, log=lambda line: log.info("%s", line))
-    log.info("TensorRT: export success %.1fs, saved as '%s' (%s)", time.perf_counter() - tick,
-             display_path(engine_path), _mb(engine_path))
+    with stage("TensorRT", f"starting export with TensorRT {trt.__version__} (API family {family}) on {gpu_name} "
+                           f"(sm {compute_capability})...") as current:
+        current.saved = build_engine(source_onnx, engine_path, options, header=header,
+                                     log=lambda line: log.info("%s", line))
     with TensorRTEngine(engine_path) as engine:
-        codes = engine.encode(images)
-    report = compare_codes(reference, codes, name=f"TensorRT {precision.upper()} vs PyTorch ({source})",
-                           runtime=f"TensorRT {trt.__version__}", min_agreement=min_agreement)
-    log.info("Parity: %s", report.summary())
-    return engine_path, report
+        codes = engine.encode(reference.images)
+    return engine_path, reference.compare(codes, f"TensorRT {options.precision.upper()}", f"TensorRT {trt.__version__}")

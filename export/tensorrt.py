@@ -1,6 +1,11 @@
-"""ONNX → TensorRT engine, and the ``.engine`` file format fgh reads back.
+"""ONNX → TensorRT engine: the build in small steps, from one :class:`TrtBuildOptions`.
 
-TensorRT is optional and imported lazily (:func:`import_tensorrt`), never when the CLI starts.
+The steps follow Polygraphy's loaders: parse the ONNX into a network, create the builder config,
+add the optimization profile, place it on a DLA core, build the serialized plan, then write it
+with fgh's header (:func:`fgh_deploy.engines.trt_format.write_engine`). The file format, the
+TensorRT import and logger live with the runtime in :mod:`fgh_deploy.engines.trt_format`: the
+builder depends on the runtime, never the reverse.
+
 Two API families are supported:
 
 - **10.x** (JetPack 6 ships 10.3): weakly typed networks. FP16 comes from the ``FP16`` builder
@@ -9,324 +14,83 @@ Two API families are supported:
   ``OBEY_PRECISION_CONSTRAINTS``) and the ``EXPLICIT_BATCH`` enum are gone. The precision is the
   one written in the ONNX file, so an FP16 engine needs an FP16 ONNX (FP16 network with FP32
   islands and casts).
-
-A plan runs only with the exact TensorRT version that built it, on the same GPU architecture.
-Every engine file therefore starts with a JSON header that records how and where it was built;
-loaders call :func:`check_engine_compatible` on it before deserialising anything.
-
-File layout::
-
-    b"FGHTRT1\\n"              8-byte magic (format version 1)
-    uint32 little-endian       length N of the header
-    N bytes                    UTF-8 JSON header (see HEADER_KEYS)
-    the rest                   the serialized TensorRT plan
-
-The header's ``integrity_sha256`` is the sha256 of its other fields and the plan bytes
-(:func:`engine_digest`), written by :func:`write_engine` and checked by
-:func:`read_verified_plan` before the plan reaches TensorRT: a plan or header changed after the
-build is refused, so the fingerprint an engine reports belongs to the plan it runs.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import hashlib
-import json
 import logging
+import math
 import os
-import struct
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 
-from fgh_deploy.config import HashConfig, PreprocessConfig, parse_json_object
-from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
-from fgh_deploy.utils import atomic_write, display_path, sha256_file, terminal_safe
+from fgh_deploy.engines.onnx_format import INPUT_NAME, MAX_BATCH, OUTPUT_NAME
+from fgh_deploy.engines.trt_format import (PRECISIONS, api_family, cuda_device_info, dtype_name, get_logger,
+                                           import_tensorrt, write_engine)
+from fgh_deploy.errors import BackendUnavailableError, ConfigError, FghError
+from fgh_deploy.utils import atomic_write, display_path, sha256_file
 from fgh_deploy.version import __version__ as FGH_VERSION
-
-from .onnx import DIGEST_KEY, INPUT_NAME, MAX_BATCH, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"FGHTRT1\n"
-_LENGTH = struct.Struct("<I")
-# A header is a few KB; anything larger is a damaged length field, not a header.
-MAX_HEADER_BYTES = 16 * 2**20
-PRECISIONS = ("fp16", "fp32")
-
-#: Every engine header carries these fields.
-HEADER_KEYS = (
-    "fgh_version", "tensorrt_version", "api_family", "gpu_name", "compute_capability", "precision",
-    "dla_core", "profile", "input", "output", "input_shape", "onnx_sha256", "bits", "preprocess",
-    "model", "fingerprint", "checkpoint", "rebuild", DIGEST_KEY,
-)
-#: The fields :func:`build_engine` takes from its caller; it measures the others itself.
+#: The header fields :func:`build_engine` takes from its caller; it measures the others itself.
 CALLER_HEADER_KEYS = ("bits", "preprocess", "model", "fingerprint", "checkpoint", "rebuild")
 
-INSTALL_HINT = ("on x86-64 GPU servers run `pip install 'fgh[trt]'`; on Jetson use JetPack's TensorRT "
-                "from a venv created with `python3 -m venv --system-site-packages`")
 
+@dataclass(frozen=True)
+class TrtBuildOptions:
+    """How to build a TensorRT engine: the ``fgh export --trt`` options, checked once when made.
 
-# --------------------------------------------------------------------------------------------
-# Importing TensorRT and telling the API families apart
-
-
-def import_tensorrt() -> ModuleType:
-    """The ``tensorrt`` module, imported on first use.
-
-    Raises:
-        BackendUnavailableError: TensorRT is missing, cannot load its libraries, or is older than
-            10.0.
-    """
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as exc:
-        # The PyPI bindings-only wheel imports as far as the missing libnvinfer / libnvonnxparser
-        # and fails there with an ImportError or OSError naming the library.
-        reason = " ".join(str(exc).split())[:160]
-        raise BackendUnavailableError(f"TensorRT is not installed or cannot be loaded ({exc.__class__.__name__}: "
-                                      f"{reason}): {INSTALL_HINT}") from exc
-    api_family(trt)
-    return trt
-
-
-def api_family_for(version: str, *, weak_typing: bool) -> int:
-    """The API family (10 or 11) of a TensorRT version.
-
-    Args:
-        version: ``tensorrt.__version__``, e.g. ``"10.3.0"`` or ``"11.1.0.4"``.
-        weak_typing: whether ``BuilderFlag.FP16`` exists (it was removed with weak typing in 11.0).
+    Attributes:
+        precision: ``fp16`` or ``fp32`` (``fp32`` also disables TF32 so it matches ONNX Runtime).
+        batch: (min, opt, max) batch sizes of the single optimization profile.
+        workspace_gib: TensorRT workspace memory pool limit.
+        optimization_level: builder optimization level 0–5 (0: fastest build, ignores the timing
+            cache; 3: TensorRT's default).
+        dla_core: build for this DLA core with GPU fallback (Jetson); needs ``fp16``.
+        timing_cache: file to load tactic timings from (when it exists) and save them to; valid only
+            for the same GPU, CUDA and TensorRT version, so key its name like the engine's. None: no
+            cache (``fgh export`` then keeps one next to the engine).
 
     Raises:
-        BackendUnavailableError: TensorRT older than 10 (no name-based tensor API, implicit batch).
+        ConfigError: the first option out of range, named in the message (also a ValueError).
     """
-    try:
-        major = int(version.split(".")[0])
-    except ValueError as exc:
-        raise BackendUnavailableError(f"unrecognised TensorRT version {version!r}") from exc
-    if major < 10:
-        raise BackendUnavailableError(f"TensorRT {version} is too old: fgh needs TensorRT 10.3 or newer "
-                                      f"({INSTALL_HINT})")
-    # The feature decides over the number: the weak-typing path needs the FP16 flag to exist.
-    return 10 if major == 10 and weak_typing else 11
+
+    precision: str = "fp16"
+    batch: tuple[int, int, int] = (1, 16, 64)
+    workspace_gib: float = 2.0
+    optimization_level: int = 3
+    dla_core: int | None = None
+    timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        batch = tuple(self.batch)
+        if (len(batch) != 3 or not all(_is_int(b) for b in batch)
+                or not 1 <= batch[0] <= batch[1] <= batch[2] <= MAX_BATCH):
+            raise ConfigError(f"batch profile must satisfy 1 <= min <= opt <= max <= {MAX_BATCH}, "
+                              f"got {'/'.join(map(str, batch))}")
+        if not _is_int(self.optimization_level) or not 0 <= self.optimization_level <= 5:
+            raise ConfigError(f"optimization_level must be 0..5, got {self.optimization_level!r}")
+        workspace = self.workspace_gib
+        if isinstance(workspace, bool) or not isinstance(workspace, (int, float)) or not 0 < workspace < math.inf:
+            raise ConfigError(f"workspace_gib must be a positive number of GiB, got {workspace!r}")
+        if self.dla_core is not None:
+            # The bound read_engine_header accepts; the device's real count is checked at build time.
+            if not _is_int(self.dla_core) or not 0 <= self.dla_core < 16:
+                raise ConfigError(f"dla_core must be a DLA core number 0..15, got {self.dla_core!r}")
+            if self.precision != "fp16":
+                raise ConfigError("DLA runs FP16 (or INT8) only: build with precision fp16 to use a DLA core")
 
 
-def api_family(trt: ModuleType) -> int:
-    """The API family of the imported TensorRT: 10 (weak typing available) or 11 (strongly typed only)."""
-    return api_family_for(trt.__version__, weak_typing=hasattr(trt.BuilderFlag, "FP16"))
-
-
-@functools.cache
-def get_logger(trt: ModuleType) -> Any:
-    """The process-wide TensorRT logger: forwards warnings to :mod:`logging`, keeps the last errors.
-
-    One instance per process because TensorRT keeps the first logger it is given as its global
-    logger (and warns when a later builder or runtime brings another); it must also outlive every
-    builder, runtime and engine, which a cached instance does.
-    """
-    severity = trt.ILogger.Severity
-    errors = (severity.INTERNAL_ERROR, severity.ERROR)
-
-    class FghTensorRTLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)  # pybind11 trampolines need the explicit base __init__
-            self.errors: collections.deque[str] = collections.deque(maxlen=8)
-
-        def log(self, level: Any, msg: str) -> None:
-            if level in errors:
-                # Reported through FghError when the operation fails; not every TensorRT error
-                # is fatal, so they are not printed here.
-                self.errors.append(" ".join(msg.split()))
-                log.debug("TensorRT error: %s", msg)
-            elif level == severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-            elif level == severity.INFO:
-                log.debug("TensorRT: %s", msg)
-
-        def last_errors(self) -> str:
-            """The recent error messages, joined on one line ('' when there were none)."""
-            return " | ".join(self.errors)
-
-    return FghTensorRTLogger()
-
-
-# --------------------------------------------------------------------------------------------
-# Engine file format and compatibility (pure Python: no TensorRT needed)
-
-
-def write_engine(path: str | os.PathLike, header: dict[str, Any], plan: bytes | memoryview) -> Path:
-    """Write ``header`` and ``plan`` as one fgh engine file, atomically.
-
-    Args:
-        path: destination (conventionally named by :func:`engine_file_name`).
-        header: JSON-serialisable dict (see ``HEADER_KEYS``); its ``integrity_sha256`` is
-            computed here (:func:`engine_digest`).
-        plan: the serialized TensorRT plan (bytes, or any buffer such as TensorRT's IHostMemory).
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    sealed = {**header, DIGEST_KEY: engine_digest(header, plan)}
-    blob = json.dumps(sealed, sort_keys=True).encode("utf-8")
-
-    def write(f: Any) -> None:
-        f.write(MAGIC)
-        f.write(_LENGTH.pack(len(blob)))
-        f.write(blob)
-        f.write(plan)
-
-    atomic_write(path, write)
-    return path
-
-
-def engine_digest(header: dict[str, Any], plan: bytes | memoryview) -> str:
-    """sha256 over the header's fields (all but ``integrity_sha256``, as sorted JSON) and the plan bytes."""
-    digest = hashlib.sha256()
-    fields = {key: value for key, value in header.items() if key != DIGEST_KEY}
-    digest.update(json.dumps(fields, sort_keys=True).encode("utf-8"))
-    digest.update(plan)
-    return digest.hexdigest()
-
-
-def read_engine_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """The header of an fgh engine file and the byte offset where its plan starts.
-
-    Reads only the header, never the plan; every field is checked (types and bounds, see
-    :func:`_check_header`), so callers may use them as they are.
-
-    Raises:
-        FghError: missing file, no fgh magic (e.g. a raw trtexec plan), truncated, non-JSON or
-            implausibly nested header, missing or bad fields, or no plan after the header; the
-            message names the file.
-    """
-    path = Path(path)
-    shown = display_path(path)
-    rebuild_hint = "rebuild it with `fgh export CHECKPOINT --trt`"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            magic = f.read(len(MAGIC))
-            if not magic:
-                raise FghError(f"{shown}: empty file, not a TensorRT engine; {rebuild_hint}")
-            if magic != MAGIC:
-                raise FghError(f"{shown}: not an fgh TensorRT engine: it lacks fgh's header (a raw plan, e.g. "
-                               f"from trtexec, carries no model metadata); {rebuild_hint}")
-            length_bytes = f.read(_LENGTH.size)
-            if len(length_bytes) < _LENGTH.size:
-                raise FghError(f"{shown}: truncated engine file (header length cut off); {rebuild_hint}")
-            (length,) = _LENGTH.unpack(length_bytes)
-            if length > MAX_HEADER_BYTES:
-                raise FghError(f"{shown}: damaged engine header (length {length} bytes is implausible); "
-                               f"{rebuild_hint}")
-            blob = f.read(length)
-    except OSError as exc:
-        raise FghError(f"{shown}: cannot read engine file ({terminal_safe(exc.strerror or str(exc))})") from exc
-    if len(blob) < length:
-        raise FghError(f"{shown}: truncated engine file (header has {len(blob)} of {length} bytes); {rebuild_hint}")
-    try:
-        header = parse_json_object(blob, "it")
-    except FghError as exc:
-        raise FghError(f"{shown}: damaged engine header ({exc}); {rebuild_hint}") from None
-    missing = [key for key in HEADER_KEYS if key not in header]
-    if missing == [DIGEST_KEY]:
-        raise FghError(f"{shown}: built by an older fgh, without a plan digest; {rebuild_hint}")
-    if missing:
-        raise FghError(f"{shown}: damaged engine header (missing {', '.join(missing)}); {rebuild_hint}")
-    try:
-        _check_header(header)
-    except FghError as exc:
-        raise FghError(f"{shown}: damaged engine header ({exc}); {rebuild_hint}") from None
-    offset = len(MAGIC) + _LENGTH.size + length
-    if size <= offset:
-        raise FghError(f"{shown}: truncated engine file (no TensorRT plan after the header); "
-                       f"rebuild it with: {terminal_safe(header['rebuild'])}")
-    return header, offset
-
-
-def _check_header(header: dict[str, Any]) -> None:
-    """Every header field has the type and range fgh writes; raises FghError naming the first that has not."""
-    for key in ("fgh_version", "tensorrt_version", "gpu_name", "compute_capability", "fingerprint", "checkpoint",
-                "rebuild", "onnx_sha256", DIGEST_KEY):
-        if not isinstance(header[key], str) or not header[key]:
-            raise FghError(f"bad {key}: expected a non-empty string")
-    if header["precision"] not in PRECISIONS:
-        raise FghError(f"bad precision: expected one of {', '.join(PRECISIONS)}")
-    if header["api_family"] not in (10, 11):
-        raise FghError("bad api_family: expected 10 or 11")
-    dla_core = header["dla_core"]
-    if dla_core is not None and (type(dla_core) is not int or not 0 <= dla_core < 16):
-        raise FghError("bad dla_core: expected null or a core number")
-    profile = header["profile"]
-    batches = [profile.get(key) for key in ("min", "opt", "max")] if isinstance(profile, dict) else []
-    if (len(batches) != 3 or not all(type(b) is int for b in batches)
-            or not 1 <= batches[0] <= batches[1] <= batches[2] <= MAX_BATCH):
-        raise FghError(f"bad profile: expected min, opt and max batch with 1 <= min <= opt <= max <= {MAX_BATCH}")
-    for key in ("input", "output"):
-        if not isinstance(header[key], dict) or not isinstance(header[key].get("name"), str):
-            raise FghError(f"bad {key}: expected an object with a tensor name")
-    model = HashConfig.from_dict(header["model"], "model")
-    preprocess = PreprocessConfig.from_dict(header["preprocess"])
-    size = preprocess.input_size
-    if header["bits"] != model.bits or header["input_shape"] != [3, size, size]:
-        raise FghError("bits / input_shape disagree with the model and preprocessing")
-
-
-def read_verified_plan(path: str | os.PathLike, header: dict[str, Any], offset: int) -> bytes:
-    """The plan bytes of an engine file, once they and the header match the header's ``integrity_sha256``.
-
-    Call before the plan reaches TensorRT: a plan is executable code, and a changed one (or a
-    header edited to claim another model's fingerprint) must not run under the recorded identity.
-
-    Raises:
-        FghError: unreadable file, or a digest mismatch (with the rebuild command).
-    """
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            plan = f.read()
-    except OSError as exc:
-        raise FghError(f"{display_path(path)}: cannot read engine file "
-                       f"({terminal_safe(exc.strerror or str(exc))})") from exc
-    if engine_digest(header, plan) != header[DIGEST_KEY]:
-        raise FghError(f"{display_path(path)}: the plan or its header does not match the recorded digest "
-                       f"(modified after the build?); rebuild it with: {terminal_safe(header['rebuild'])}")
-    return plan
-
-
-def check_engine_compatible(header: dict[str, Any], *, path: str | os.PathLike, tensorrt_version: str,
-                            compute_capability: str, gpu_name: str) -> None:
-    """Refuse an engine built with another TensorRT version or for another GPU architecture.
-
-    Plans are tied to the exact TensorRT version (the full version string) and to the compute
-    capability they were built for; deserialising a mismatched plan fails deep inside TensorRT
-    ("Version tag does not match") or, worse, misbehaves. Call this before deserialising.
-
-    Args:
-        header: from :func:`read_engine_header`.
-        path: the engine file, for the message.
-        tensorrt_version: the installed ``tensorrt.__version__``.
-        compute_capability: this GPU's, as ``"major.minor"`` (e.g. ``"9.0"``).
-        gpu_name: this GPU's name, for the message.
-
-    Raises:
-        IncompatibleEngineError: with the exact command that rebuilds the engine here.
-    """
-    built_version = str(header["tensorrt_version"])
-    built_cc = str(header["compute_capability"])
-    if built_version == tensorrt_version and built_cc == compute_capability:
-        return
-    raise IncompatibleEngineError(
-        f"{display_path(path)}: built with TensorRT {terminal_safe(built_version)} for "
-        f"{terminal_safe(str(header['gpu_name']))} (sm {terminal_safe(built_cc)}); "
-        f"this machine has TensorRT {tensorrt_version} and {gpu_name} (sm {compute_capability}) "
-        f"— rebuild it with: {terminal_safe(header['rebuild'])}")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def engine_file_name(stem: str, precision: str, compute_capability: str, trt_version: str) -> str:
@@ -377,19 +141,39 @@ def onnx_float_precision(path: str | os.PathLike) -> str:
     return "fp16" if has_half(proto.graph) else "fp32"
 
 
-def cuda_device_info(device: Any = None) -> tuple[str, str]:
-    """(GPU name, compute capability ``"major.minor"``) of a CUDA device (default: the current one)."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return props.name, f"{props.major}.{props.minor}"
-
-
-def dtype_name(trt: ModuleType, dtype: Any) -> str:
-    """A TensorRT DataType as a numpy-style name (``uint8``, ``float32``, ``float16``)."""
-    return np.dtype(trt.nptype(dtype)).name
-
-
 # --------------------------------------------------------------------------------------------
-# Building
+# Build steps, in the order build_engine runs them
+
+
+def _check_onnx_precision(trt: ModuleType, family: int, onnx_path: Path, precision: str) -> None:
+    """Refuse an ONNX whose float precision does not fit the requested engine on this API family."""
+    shown = display_path(onnx_path)
+    onnx_precision = onnx_float_precision(onnx_path)
+    if family == 11 and onnx_precision != precision:
+        raise FghError(f"{shown}: is an {onnx_precision.upper()} ONNX but a {precision.upper()} engine was asked "
+                       f"for; TensorRT {trt.__version__} builds strongly typed networks, whose precision is the "
+                       f"ONNX file's: pass the {precision.upper()} ONNX")
+    if family == 10 and onnx_precision != "fp32":
+        raise FghError(f"{shown}: is an FP16 ONNX; TensorRT {trt.__version__} lowers precision itself "
+                       f"(FP16 builder flag): pass the FP32 ONNX")
+
+
+def _create_builder(trt: ModuleType, logger: Any) -> Any:
+    """A TensorRT builder on the current CUDA device.
+
+    Raises:
+        BackendUnavailableError: no usable CUDA GPU (no driver, no device).
+    """
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("no usable CUDA GPU for TensorRT: torch.cuda.is_available() is False")
+    logger.errors.clear()
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:  # no driver / no device: pybind11 reports a null factory result as TypeError
+        raise BackendUnavailableError(f"no usable CUDA GPU for TensorRT: {logger.last_errors() or exc}") from exc
+    if builder is None:
+        raise BackendUnavailableError(f"no usable CUDA GPU for TensorRT: {logger.last_errors() or 'no builder'}")
+    return builder
 
 
 def _pin_fp32_islands(trt: ModuleType, network: Any) -> int:
@@ -457,6 +241,67 @@ def _parse_onnx(trt: ModuleType, builder: Any, logger: Any, onnx_path: Path) -> 
     return network, parser
 
 
+def _check_network_io(trt: ModuleType, network: Any, header: dict[str, Any], onnx_path: Path,
+                      log: Callable[[str], None]) -> tuple[int, int, int]:
+    """The network's per-image input shape (3, S, S), once it and the code length match ``header``."""
+    shown = display_path(onnx_path)
+    inp, out = network.get_input(0), network.get_output(0)
+    in_shape, out_shape = tuple(inp.shape), tuple(out.shape)
+    sample = tuple(int(d) for d in in_shape[1:])
+    size = int(header["preprocess"]["input_size"])
+    if sample != (3, size, size):
+        raise FghError(f"{shown}: input shape {sample} does not match the preprocessing (3, {size}, {size})")
+    if out_shape[1] != int(header["bits"]):
+        raise FghError(f"{shown}: outputs {out_shape[1]} bits, the header says {header['bits']}")
+    log(f"TensorRT: input {inp.name!r} {dtype_name(trt, inp.dtype)} {in_shape}, "
+        f"output {out.name!r} {dtype_name(trt, out.dtype)} {out_shape}")
+    return sample
+
+
+def _create_config(trt: ModuleType, family: int, builder: Any, network: Any, options: TrtBuildOptions,
+                   gpu_name: str, onnx_path: Path, log: Callable[[str], None]) -> Any:
+    """The builder config: workspace, optimization level and the precision rules of the API family."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
+    config.builder_optimization_level = options.optimization_level
+    if options.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 convolutions keep a 10-bit mantissa: enough to flip near-zero hash bits against the
+        # FP32 reference. An fp32 engine is the exact one; fp16 is the fast one.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if family == 10 and options.precision == "fp16":
+        if not builder.platform_has_fast_fp16:
+            log(f"TensorRT: warning: {gpu_name} has no fast FP16; the FP16 engine may not be faster")
+        config.set_flag(trt.BuilderFlag.FP16)
+        pinned = _pin_fp32_islands(trt, network)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        log(f"TensorRT: FP16 builder flag, {pinned} softmax/reduce/sqrt/pow layer(s) pinned to FP32")
+    elif family == 11:
+        log(f"TensorRT: strongly typed network, {options.precision.upper()} as written in {onnx_path.name}")
+    return config
+
+
+def _add_profile(builder: Any, config: Any, input_name: str, sample: tuple[int, int, int],
+                 batch: tuple[int, int, int]) -> None:
+    """The single optimization profile: the batch axis from min to max, tuned for opt."""
+    min_b, opt_b, max_b = batch
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, (min_b, *sample), (opt_b, *sample), (max_b, *sample))
+    config.add_optimization_profile(profile)
+
+
+def _use_dla(trt: ModuleType, builder: Any, config: Any, dla_core: int, gpu_name: str,
+             log: Callable[[str], None]) -> None:
+    """Place the network on a DLA core; layers the DLA cannot run fall back to the GPU."""
+    cores = builder.num_DLA_cores
+    if not 0 <= dla_core < cores:
+        raise FghError(f"DLA core {dla_core} requested but {gpu_name} has {cores} DLA core(s)")
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = dla_core
+    config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    log(f"TensorRT: DLA core {dla_core} with GPU fallback")
+
+
 def _attach_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> None:
     """Load ``path`` into the builder config when it exists and matches, else start an empty cache."""
     blob = path.read_bytes() if path.is_file() else b""
@@ -472,11 +317,57 @@ def _attach_timing_cache(config: Any, path: Path, log: Callable[[str], None]) ->
         log(f"TensorRT: new timing cache, will be saved to {path}")
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, precision: str,
-                 batch: tuple[int, int, int] = (1, 16, 64), workspace_gib: float = 2.0,
-                 optimization_level: int = 3, dla_core: int | None = None,
-                 timing_cache: Path | None = None, header: dict[str, Any],
-                 log: Callable[[str], None] = log.info) -> Path:
+def _save_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> None:
+    """Write the timings measured by this build (and the ones loaded) for the next build."""
+    serialized = config.get_timing_cache().serialize()
+    atomic_write(path, lambda f: f.write(serialized))
+    log(f"TensorRT: timing cache saved to {path}")
+
+
+def _build_plan(trt: ModuleType, builder: Any, network: Any, config: Any, logger: Any, options: TrtBuildOptions,
+                onnx_path: Path, log: Callable[[str], None]) -> Any:
+    """The serialized plan (TensorRT's IHostMemory), or FghError with TensorRT's errors."""
+    min_b, opt_b, max_b = options.batch
+    log(f"TensorRT: building {options.precision.upper()} engine, profile {min_b}/{opt_b}/{max_b}, "
+        f"workspace {options.workspace_gib:g} GiB, optimization level {options.optimization_level}...")
+    logger.errors.clear()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise FghError(f"{display_path(onnx_path)}: TensorRT {trt.__version__} could not build the engine: "
+                       f"{logger.last_errors() or 'no error reported'}")
+    return plan
+
+
+def _engine_header(trt: ModuleType, family: int, gpu: tuple[str, str], network: Any, caller_fields: dict[str, Any],
+                   options: TrtBuildOptions, onnx_path: Path) -> dict[str, Any]:
+    """The caller's header fields plus what this build measured: TensorRT, GPU, profile, I/O, ONNX hash."""
+    gpu_name, compute_capability = gpu
+    inp, out = network.get_input(0), network.get_output(0)
+    min_b, opt_b, max_b = options.batch
+    return {
+        **caller_fields,
+        "fgh_version": FGH_VERSION,
+        "tensorrt_version": trt.__version__,
+        "api_family": family,
+        "gpu_name": gpu_name,
+        "compute_capability": compute_capability,
+        "precision": options.precision,
+        "dla_core": options.dla_core,
+        "profile": {"min": min_b, "opt": opt_b, "max": max_b},
+        "input": {"name": inp.name, "dtype": dtype_name(trt, inp.dtype)},
+        "output": {"name": out.name, "dtype": dtype_name(trt, out.dtype)},
+        "input_shape": [int(d) for d in tuple(inp.shape)[1:]],
+        "onnx_sha256": sha256_file(onnx_path),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
+                 options: TrtBuildOptions | None = None, *, header: dict[str, Any],
+                 log: Callable[[str], None] = log.info, **option_fields: Any) -> Path:
     """Build a TensorRT engine from an fgh ONNX export and write it with its header.
 
     Precision contract by API family:
@@ -485,159 +376,59 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
       softmax/reduce/sqrt/pow layers to FP32 (see :func:`_pin_fp32_islands`).
     - TensorRT 11.x: the network is strongly typed, so ``onnx_path`` must already be in the
       requested precision: the **FP16** ONNX (FP16 network with FP32 islands, e.g. from
-      :class:`export.onnx.HalfPrecisionModel`) for ``fp16``, the FP32 ONNX for ``fp32``.
+      :class:`fgh_deploy.export.onnx.HalfPrecisionModel`) for ``fp16``, the FP32 ONNX for ``fp32``.
 
     A mismatched ONNX is refused before anything is built.
 
     Args:
-        onnx_path: ONNX from :func:`export.onnx.export_onnx` (input ``images`` uint8
+        onnx_path: ONNX from :func:`fgh_deploy.export.onnx.export_onnx` (input ``images`` uint8
             (B, 3, S, S), output ``codes`` (B, bits)).
         engine_path: output engine file.
-        precision: ``fp16`` or ``fp32`` (``fp32`` also disables TF32 so it matches ONNX Runtime).
-        batch: (min, opt, max) batch sizes of the single optimization profile.
-        workspace_gib: TensorRT workspace memory pool limit.
-        optimization_level: builder optimization level 0–5 (0: fastest build, ignores the timing
-            cache; 3: TensorRT's default).
-        dla_core: build for this DLA core with GPU fallback (Jetson); needs ``fp16``.
-        timing_cache: file to load tactic timings from (when it exists) and save them to; valid only
-            for the same GPU, CUDA and TensorRT version, so key its name like the engine's.
+        options: how to build; or give its fields as keywords instead
+            (``build_engine(onnx, engine, precision="fp32", batch=(1, 8, 32), header=...)``).
         header: the caller's fields: ``bits``, ``preprocess``, ``model``, ``fingerprint``,
             ``checkpoint`` and ``rebuild`` (the ``fgh export CKPT --trt ...`` command that rebuilds
             this engine). The TensorRT version, GPU, profile, I/O and ONNX hash are added here.
-        log: receives the staged progress lines (``TensorRT: ...``).
+        log: receives the progress lines of the build steps (``TensorRT: ...``).
 
     Returns:
         The engine path written.
 
     Raises:
         BackendUnavailableError: TensorRT missing, or no usable CUDA GPU.
+        ConfigError: an option out of range (also a ValueError).
         FghError: unparsable ONNX, precision/ONNX mismatch, build failure (with TensorRT's errors).
-        ValueError: invalid arguments, or ``header`` lacking a caller field.
+        ValueError: ``header`` lacking a caller field.
+        TypeError: both ``options`` and option keywords.
     """
+    if options is None:
+        options = TrtBuildOptions(**option_fields)
+    elif option_fields:
+        raise TypeError(f"pass options or its fields, not both (got {', '.join(option_fields)})")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    shown = display_path(onnx_path)
-    min_b, opt_b, max_b = batch
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if not 1 <= min_b <= opt_b <= max_b:
-        raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {min_b}/{opt_b}/{max_b}")
-    if not 0 <= optimization_level <= 5:
-        raise ValueError(f"optimization_level must be 0..5, got {optimization_level}")
-    if workspace_gib <= 0:
-        raise ValueError(f"workspace_gib must be positive, got {workspace_gib}")
-    if dla_core is not None and precision != "fp16":
-        raise FghError("DLA runs FP16 (or INT8) only: build with precision fp16 to use a DLA core")
     missing = [key for key in CALLER_HEADER_KEYS if key not in header]
     if missing:
         raise ValueError(f"header lacks {', '.join(missing)}")
     if not onnx_path.is_file():
-        raise FghError(f"{shown}: no such ONNX file")
+        raise FghError(f"{display_path(onnx_path)}: no such ONNX file")
 
     trt = import_tensorrt()
     family = api_family(trt)
-    onnx_precision = onnx_float_precision(onnx_path)
-    if family == 11 and onnx_precision != precision:
-        raise FghError(f"{shown}: is an {onnx_precision.upper()} ONNX but a {precision.upper()} engine was asked "
-                       f"for; TensorRT {trt.__version__} builds strongly typed networks, whose precision is the "
-                       f"ONNX file's: pass the {precision.upper()} ONNX")
-    if family == 10 and onnx_precision != "fp32":
-        raise FghError(f"{shown}: is an FP16 ONNX; TensorRT {trt.__version__} lowers precision itself "
-                       f"(FP16 builder flag): pass the FP32 ONNX")
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("no usable CUDA GPU for TensorRT: torch.cuda.is_available() is False")
-    gpu_name, compute_capability = cuda_device_info()
-    log(f"TensorRT: starting export with TensorRT {trt.__version__} (API family {family}) "
-        f"on {gpu_name} (sm {compute_capability})...")
-
+    _check_onnx_precision(trt, family, onnx_path, options.precision)
     logger = get_logger(trt)
-    logger.errors.clear()
-    try:
-        builder = trt.Builder(logger)
-    except Exception as exc:  # no driver / no device: pybind11 reports a null factory result as TypeError
-        raise BackendUnavailableError(f"no usable CUDA GPU for TensorRT: {logger.last_errors() or exc}") from exc
-    if builder is None:
-        raise BackendUnavailableError(f"no usable CUDA GPU for TensorRT: {logger.last_errors() or 'no builder'}")
-
+    builder = _create_builder(trt, logger)
+    gpu = cuda_device_info()
     # The parser holds the weights the network points to: keep it alive until the build is done.
     network, parser = _parse_onnx(trt, builder, logger, onnx_path)
-    inp, out = network.get_input(0), network.get_output(0)
-    in_shape, out_shape = tuple(inp.shape), tuple(out.shape)
-    sample = tuple(int(d) for d in in_shape[1:])
-    size = int(header["preprocess"]["input_size"])
-    if sample != (3, size, size):
-        raise FghError(f"{shown}: input shape {sample} does not match the preprocessing (3, {size}, {size})")
-    if out_shape[1] != int(header["bits"]):
-        raise FghError(f"{shown}: outputs {out_shape[1]} bits, the header says {header['bits']}")
-    log(f"TensorRT: input {inp.name!r} {dtype_name(trt, inp.dtype)} {in_shape}, "
-        f"output {out.name!r} {dtype_name(trt, out.dtype)} {out_shape}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    config.builder_optimization_level = optimization_level
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        # TF32 convolutions keep a 10-bit mantissa: enough to flip near-zero hash bits against the
-        # FP32 reference. An fp32 engine is the exact one; fp16 is the fast one.
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if family == 10 and precision == "fp16":
-        if not builder.platform_has_fast_fp16:
-            log(f"TensorRT: warning: {gpu_name} has no fast FP16; the FP16 engine may not be faster")
-        config.set_flag(trt.BuilderFlag.FP16)
-        pinned = _pin_fp32_islands(trt, network)
-        if pinned:
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        log(f"TensorRT: FP16 builder flag, {pinned} softmax/reduce/sqrt/pow layer(s) pinned to FP32")
-    elif family == 11:
-        log(f"TensorRT: strongly typed network, {precision.upper()} as written in {onnx_path.name}")
-
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (min_b, *sample), (opt_b, *sample), (max_b, *sample))
-    config.add_optimization_profile(profile)
-
-    if dla_core is not None:
-        cores = builder.num_DLA_cores
-        if not 0 <= dla_core < cores:
-            raise FghError(f"DLA core {dla_core} requested but {gpu_name} has {cores} DLA core(s)")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = dla_core
-        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run go to the GPU
-        log(f"TensorRT: DLA core {dla_core} with GPU fallback")
-
+    sample = _check_network_io(trt, network, header, onnx_path, log)
+    config = _create_config(trt, family, builder, network, options, gpu[0], onnx_path, log)
+    _add_profile(builder, config, network.get_input(0).name, sample, options.batch)
+    if options.dla_core is not None:
+        _use_dla(trt, builder, config, options.dla_core, gpu[0], log)
+    timing_cache = Path(options.timing_cache) if options.timing_cache is not None else None
     if timing_cache is not None:
-        timing_cache = Path(timing_cache)
         _attach_timing_cache(config, timing_cache, log)
-
-    log(f"TensorRT: building {precision.upper()} engine, profile {min_b}/{opt_b}/{max_b}, "
-        f"workspace {workspace_gib:g} GiB, optimization level {optimization_level}...")
-    start = time.perf_counter()
-    logger.errors.clear()
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise FghError(f"{shown}: TensorRT {trt.__version__} could not build the engine: "
-                       f"{logger.last_errors() or 'no error reported'}")
-    elapsed = time.perf_counter() - start
-
+    plan = _build_plan(trt, builder, network, config, logger, options, onnx_path, log)
     if timing_cache is not None:
-        serialized = config.get_timing_cache().serialize()
-        atomic_write(timing_cache, lambda f: f.write(serialized))
-        log(f"TensorRT: timing cache saved to {timing_cache}")
-
-    full_header = {
-        **header,
-        "fgh_version": FGH_VERSION,
-        "tensorrt_version": trt.__version__,
-        "api_family": family,
-        "gpu_name": gpu_name,
-        "compute_capability": compute_capability,
-        "precision": precision,
-        "dla_core": dla_core,
-        "profile": {"min": min_b, "opt": opt_b, "max": max_b},
-        "input": {"name": inp.name, "dtype": dtype_name(trt, inp.dtype)},
-        "output": {"name": out.name, "dtype": dtype_name(trt, out.dtype)},
-        "input_shape": list(sample),
-        "onnx_sha256": sha256_file(onnx_path),
-    }
-    write_engine(engine_path, full_header, plan)
-    log(f"TensorRT: build success {elapsed:.1f}s, saved as '{engine_path}' "
-        f"({engine_path.stat().st_size / 1e6:.1f} MB)")
-    return engine_path
+        _save_timing_cache(config, timing_cache, log)
+    return write_engine(engine_path, _engine_header(trt, family, gpu, network, header, options, onnx_path), plan)

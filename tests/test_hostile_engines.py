@@ -22,12 +22,13 @@ import fgh_deploy as fgh
 from fgh_deploy.config import MAX_JSON_DEPTH, HashConfig, PreprocessConfig, parse_json_object
 from fgh_deploy.engines import load_engine
 from fgh_deploy.engines.onnx_engine import OnnxEngine
+from fgh_deploy.engines.onnx_format import DIGEST_KEY, METADATA_KEY, graph_digest
 from fgh_deploy.engines.trt_engine import TensorRTEngine
+from fgh_deploy.engines.trt_format import MAGIC, read_engine_header, read_verified_plan, write_engine
 from fgh_deploy.errors import BackendUnavailableError, FghError
 from fgh_deploy.export.calibration import synthetic_images
-from fgh_deploy.export.onnx import DIGEST_KEY, METADATA_KEY, export_onnx, graph_digest
+from fgh_deploy.export.onnx import export_onnx
 from fgh_deploy.export.pipeline import export_checkpoint
-from fgh_deploy.export.tensorrt import MAGIC, read_engine_header, read_verified_plan, write_engine
 from fgh_deploy.utils import check_device, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fgh_deploy as fgh
+from fgh_deploy.engines.onnx_format import DIGEST_KEY, graph_digest
 from fgh_deploy.export import ONNX_OPSET, export_onnx, read_onnx_metadata
-from fgh_deploy.export.onnx import DIGEST_KEY, graph_digest
 
 
 @pytest.mark.parametrize("name", fgh.list_models())

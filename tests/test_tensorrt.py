@@ -24,9 +24,9 @@ from onnx import TensorProto, helper
 import fgh_deploy as fgh
 from fgh_deploy.engines.trt_engine import TensorRTEngine
 from fgh_deploy.export.onnx import export_onnx
-from fgh_deploy.export.tensorrt import (HEADER_KEYS, INSTALL_HINT, MAGIC, api_family_for, build_engine, check_engine_compatible,
-                             engine_digest, engine_file_name, onnx_float_precision, read_engine_header,
-                             read_verified_plan, write_engine)
+from fgh_deploy.engines.trt_format import (HEADER_KEYS, INSTALL_HINT, MAGIC, api_family_for, check_engine_compatible,
+                                           engine_digest, read_engine_header, read_verified_plan, write_engine)
+from fgh_deploy.export.tensorrt import build_engine, engine_file_name, onnx_float_precision
 from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
 
 REBUILD = "fgh export semicon48.pt --trt --precision fp16 --batch 1,16,64"
@@ -245,7 +245,7 @@ def test_foreign_engine_is_refused_before_deserialising(tmp_path: Path) -> None:
 
 
 def test_tensorrt_is_not_imported_at_cli_import_time() -> None:
-    code = ("import sys, fgh_deploy.cli, engines.trt_engine, export.tensorrt; "
+    code = ("import sys, fgh_deploy.cli, fgh_deploy.engines.trt_engine, fgh_deploy.export.tensorrt; "
             "print('tensorrt' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
@@ -276,7 +276,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """An ADSH-32 model, its ONNX files, and an FP32 and an FP16 engine sharing one timing cache."""
     import tensorrt as trt
 
-    from fgh_deploy.export.tensorrt import api_family
+    from fgh_deploy.engines.trt_format import api_family
 
     root = tmp_path_factory.mktemp("trt")
     torch.manual_seed(0)
@@ -340,7 +340,7 @@ def test_fp16_engine_bit_agreement(built: SimpleNamespace) -> None:
 
 @requires_tensorrt
 def test_engine_header_records_the_build(built: SimpleNamespace) -> None:
-    from fgh_deploy.export.tensorrt import cuda_device_info
+    from fgh_deploy.engines.trt_format import cuda_device_info
 
     header, _ = read_engine_header(built.engines["fp16"])
     gpu_name, cc = cuda_device_info()
