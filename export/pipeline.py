@@ -207,8 +207,8 @@ def _trt_stage(ckpt: Checkpoint, checkpoint: Path, onnx_fp32: Path, onnx_for_eng
                                                       trt.__version__))
     # 11.x is strongly typed: precision comes from the graph. 10.x takes the FP32 graph + FP16 flag.
     source_onnx = onnx_for_engine if (family >= 11 and options.precision == "fp16") else onnx_fp32
-    rebuild = (f"fgh export {shlex.quote(str(checkpoint))} --trt --batch {','.join(map(str, options.batch))}"
-               + (f" --dla-core {options.dla_core}" if options.dla_core is not None else ""))
+    # Every build option, so that the rebuilt engine is the same kind (an fp32 engine stays fp32).
+    rebuild = f"fgh export {shlex.quote(str(checkpoint))} --trt {options.command_line()}"
     header = {**_onnx_metadata(ckpt, checkpoint, options.precision), "onnx_sha256": sha256_file(source_onnx),
               "rebuild": rebuild}
     with stage("TensorRT", f"starting export with TensorRT {trt.__version__} (API family {family}) on {gpu_name} "

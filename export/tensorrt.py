@@ -68,6 +68,14 @@ class TrtBuildOptions:
     dla_core: int | None = None
     timing_cache: Path | None = None
 
+    def command_line(self) -> str:
+        """The ``fgh export --trt`` flags that build with these options (the timing cache is local)."""
+        flags = [f"--precision {self.precision}", f"--batch {','.join(map(str, self.batch))}",
+                 f"--workspace {self.workspace_gib:g}", f"--opt-level {self.optimization_level}"]
+        if self.dla_core is not None:
+            flags.append(f"--dla-core {self.dla_core}")
+        return " ".join(flags)
+
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

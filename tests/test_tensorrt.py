@@ -396,3 +396,13 @@ def test_foreign_engine_refused_on_a_real_gpu(built: SimpleNamespace, tmp_path: 
         foreign = write_engine(tmp_path / f"{field}.engine", {**header, field: value}, plan)
         with pytest.raises(IncompatibleEngineError, match="rebuild it with: fgh export"):
             TensorRTEngine(foreign)
+
+
+def test_the_rebuild_command_carries_every_build_option() -> None:
+    from fgh_deploy.export.tensorrt import TrtBuildOptions
+
+    fp32 = TrtBuildOptions(precision="fp32", batch=(2, 8, 32), workspace_gib=1.5, optimization_level=5)
+    assert fp32.command_line() == "--precision fp32 --batch 2,8,32 --workspace 1.5 --opt-level 5"
+    dla = TrtBuildOptions(dla_core=1)
+    assert dla.command_line() == "--precision fp16 --batch 1,16,64 --workspace 2 --opt-level 3 --dla-core 1"
+    assert TrtBuildOptions().command_line() == "--precision fp16 --batch 1,16,64 --workspace 2 --opt-level 3"
