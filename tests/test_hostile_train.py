@@ -15,7 +15,7 @@ from PIL import Image
 
 import fgh_deploy as fgh
 from fgh_deploy.cli import main
-from fgh_deploy.train.config import make_config, resume_config
+from fgh_deploy.train.config import TRAIN_OPTIONS, command_line_values, make_config, resume_config
 from fgh_deploy.train.evaluate import evaluate_checkpoint
 from fgh_deploy.train.trainer import BEST, CONFIG, LAST, METRICS, SPLITS
 
@@ -87,6 +87,48 @@ def test_bad_train_options_are_refused_before_anything_is_written(
     assert needle in line, line
     assert not run.exists()
     assert sorted(p.name for p in class_tree.iterdir()) == ["cardinal", "jay", "wren"]
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (["--bits", "eight"], "--bits expects an integer, got 'eight'"),
+    (["--lr-new", "fast"], "--lr-new expects a number or none, got 'fast'"),
+    (["--set", "lr_decay"], "--set expects field=value, got 'lr_decay'"),
+    (["--set", "lr_decay=steep"], "--set lr_decay expects a number, got 'steep'"),
+    (["--set", "lr=0.1"], "--set lr: lr has an option of its own, --lr"),
+    (["--set", "nonsense=1"], "--set: no train config field 'nonsense'; --set takes splits, lr_decay, trunk_cache_gb"),
+    (["--set", "trunk_cache_gb=0"], "trunk_cache_views must be ≥ 0 and trunk_cache_gb positive"),
+])
+def test_values_are_read_by_their_field_type_and_set_takes_the_fields_without_an_option(
+        options: list[str], needle: str, class_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    line = refused(capsys, "train", "--data", class_tree, "--out", run, *TINY, *options)
+    assert needle in line, line
+    assert not run.exists()
+
+
+def test_command_line_values_follow_the_config_field_types() -> None:
+    values = command_line_values(
+        {"data": "photos/", "bits": "16", "lr": "1e-3", "lr_new": "none", "crop_scale": "0.3,1", "lr_steps": "20,30",
+         "nesterov": False, "model_options": ["num_parts=4", "name=x"], "pretrained": None, "no_pretrained": True,
+         "seed": None},
+        ["lr_decay=0.5", "trunk_cache_gb=2", "splits=my splits.tsv"])
+    assert values == {"data": "photos", "bits": 16, "lr": 1e-3, "lr_new": None, "crop_scale": (0.3, 1.0),
+                      "lr_steps": [20, 30], "nesterov": False, "model_options": {"num_parts": 4, "name": "x"},
+                      "pretrained": False, "lr_decay": 0.5, "trunk_cache_gb": 2.0, "splits": "my splits.tsv"}
+    assert command_line_values({"pretrained": "w.pth", "no_pretrained": True}) == {"pretrained": "w.pth"}
+
+
+def test_train_help_shows_every_config_field(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TERMINAL_WIDTH", "200")
+    assert fgh_cli("train", "--help") == 0
+    shown = capsys.readouterr().out
+    for option in TRAIN_OPTIONS.values():
+        if option.own_option:
+            assert option.flags[0] in shown and option.help[:30] in shown, option.name
+        else:
+            assert option.name in shown.split("--set", 1)[1], option.name
 
 
 def test_out_that_is_a_file_is_refused_and_left_alone(class_tree: Path, tmp_path: Path,
@@ -163,6 +205,16 @@ def test_resume_refuses_options_that_change_the_run_and_names_them(tmp_path: Pat
     line = refused(capsys, "train", "--resume", "--out", run, "--preset", "paper", "--backbone", "resnet50")
     assert "refusing --backbone, --preset" in line, line
     assert [p.name for p in run.iterdir()] == [CONFIG]
+
+
+def test_resume_names_the_options_it_refuses_as_they_were_given(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG).write_text(json.dumps(_recorded(tmp_path)))
+    line = refused(capsys, "train", "--resume", "--out", run, "--set", "lr_decay=0.5", "--no-pretrained",
+                   "--train-trunk")
+    assert "refusing --weights/--no-pretrained, --freeze-trunk, --set lr_decay (they would change it" in line, line
 
 
 def test_resume_accepts_the_recorded_values_and_may_extend_or_move_the_run(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from PIL import Image
 
 import fgh_deploy as fgh
 from fgh_deploy.train import trainer as trainer_module
-from fgh_deploy.train.config import make_config
+from fgh_deploy.train.config import PRESETS, TrainConfig, make_config
 from fgh_deploy.train.dcc import sign_plus, update_database_codes
 from fgh_deploy.train.evaluate import evaluate_checkpoint
 from fgh_deploy.train.losses import adsh_loss, attention_dispersion_loss, decorrelation_loss, soft_similarity
@@ -304,6 +305,24 @@ def test_presets_set_both_rates_and_every_value_can_be_overridden(tmp_path: Path
         assert paper.optimizer == "sgd" and paper.new_lr == paper.lr  # the papers: one rate
     tuned = config("fast", "agmh", lr=1e-4, lr_new=5e-3, optimizer="sgd", trunk_cache_views=0)
     assert (tuned.lr, tuned.new_lr, tuned.optimizer, tuned.trunk_cache_views) == (1e-4, 5e-3, "sgd", 0)
+
+
+def test_presets_are_tables_of_config_values_with_each_papers_own(tmp_path: Path) -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for preset in PRESETS.values():
+        assert set(preset.values) <= fields
+        assert all(set(row) <= fields for row in preset.per_model.values())
+    assert set(PRESETS["paper"].per_model) == set(fgh.list_models())
+
+    def paper(model: str) -> TrainConfig:
+        return make_config("paper", data="d", model=model, bits=32, out=str(tmp_path))
+
+    a2net, agmh, adsh = paper("a2net"), paper("agmh"), paper("adsh")
+    assert (a2net.lr, a2net.momentum, a2net.nesterov, a2net.lr_steps) == (1e-4, 0.9, False, [35])
+    assert (agmh.lr, agmh.batch_size, agmh.momentum) == (1e-3, 32, 0.9)
+    assert (adsh.lr, adsh.batch_size, adsh.momentum, adsh.lr_steps) == (2.5e-4, 16, 0.91, [40])
+    a2net.lr_steps.append(38)  # a config holds its own copy of the table's values
+    assert paper("a2net").lr_steps == [35]
 
 
 # --- the frozen trunk computed once: trunk cache --------------------------------------------------
