@@ -16,8 +16,8 @@ equal distances the lower row comes first (FAISS leaves ties unspecified).
 One contract, two implementations, as FAISS has ``IndexBinaryFlat`` and a GPU index:
 :class:`HammingSearcher` checks every input once and orders range results; the distances
 come from :class:`CpuHammingSearcher` (below) or, for ``device="cuda"``,
-:class:`fgh_deploy.search_torch.TorchHammingSearcher` (imported only then, so the CPU search
-needs numpy alone). ``HammingSearcher(database, device=...)`` builds the one the device needs.
+:class:`TorchHammingSearcher` (which imports torch on first use, so the CPU search needs numpy
+alone). ``HammingSearcher(database, device=...)`` builds the one the device needs.
 
 How the CPU search is fast (measurements: README, "Measured here → Engines, search and
 encode"; ``python benchmarks/search_kernels.py`` and ``fgh bench search`` reproduce them):
@@ -62,12 +62,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
 from fgh_deploy.errors import BackendUnavailableError, FghError
 from fgh_deploy.utils import check_int
+
+if TYPE_CHECKING:
+    import torch
 
 try:
     from fgh_deploy import _hamming
@@ -117,7 +120,7 @@ class HammingSearcher(ABC):
 
     The contract every implementation keeps (checks, shapes, dtypes, tie rule); calling
     ``HammingSearcher(database, device=...)`` builds :class:`CpuHammingSearcher` for
-    ``"cpu"`` and :class:`~fgh_deploy.search_torch.TorchHammingSearcher` for CUDA. The public
+    ``"cpu"`` and :class:`TorchHammingSearcher` for CUDA. The public
     methods check their inputs here, once, and call the implementation's ``_*_impl`` hooks
     with 2-D queries of the right width.
 
@@ -132,7 +135,7 @@ class HammingSearcher(ABC):
         # Called as the contract, build the implementation the device needs; called as an
         # implementation (or by pickle, with no arguments), build that one.
         if cls is HammingSearcher:
-            cls = CpuHammingSearcher if _check_device(device) == "cpu" else _torch_searcher(device)
+            cls = CpuHammingSearcher if _check_device(device) == "cpu" else TorchHammingSearcher
         return super().__new__(cls)
 
     def __init__(
@@ -827,13 +830,108 @@ def _check_device(device: Any) -> str:
     raise FghError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _torch_searcher(device: str) -> type[HammingSearcher]:
-    """The torch implementation, imported on first use: the CPU search needs numpy alone."""
-    try:
-        from fgh_deploy.search_torch import TorchHammingSearcher
-    except ImportError:
-        raise BackendUnavailableError(f"device {device!r} needs torch, which is not installed") from None
-    return TorchHammingSearcher
+# fp16 sums of ±1 products are exact integers up to 2048 terms (its 11-bit significand).
+_HALF_MAX_BITS = 2048
+# Packed codes unpacked per slice: the uint8 temporaries stay small next to the ±1 result.
+_UNPACK_BITS = 1 << 24
+
+
+class TorchHammingSearcher(HammingSearcher):
+    """:class:`HammingSearcher` on a torch device (a CUDA GPU), with torch imported on first use.
+
+    torch has no popcount, so bits become ±1 values and ``q·d = bits − 2·distance``: one matrix
+    product per block of rows gives every distance of the block. Built with ``device="cpu"`` it
+    runs the same code in fp32 on the CPU (the tests check it there on machines without a GPU).
+
+    The database is held on the device as ``(ntotal, bits)`` ±1 values: fp16 up to 2048 bits
+    on CUDA, fp32 otherwise. Ties are settled by ``topk`` on the unique key
+    ``distance * ntotal + row``, which orders by ``(distance, row)``.
+    """
+
+    # Query-row pairs per block: the int64 keys of one block take 256 MiB.
+    _BLOCK_ELEMENTS = 1 << 25
+
+    def _build(self, database: np.ndarray) -> None:
+        """Copy ``database`` to the device as ±1 values.
+
+        Raises:
+            BackendUnavailableError: a CUDA device, but CUDA is unusable here.
+            FghError: ``kernel="compiled"`` (a CPU kernel).
+        """
+        import torch
+
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"device {self.device!r} requested but CUDA is not available here")
+        if self._kernel_option == "compiled":
+            raise FghError(f"kernel='compiled' is a CPU kernel; the {self.device} search uses torch")
+        self._device = torch.device(self.device)
+        self._bits = 8 * self.code_size
+        fast_half = self._device.type == "cuda" and self._bits <= _HALF_MAX_BITS
+        self._dtype = torch.float16 if fast_half else torch.float32
+        self._db = self._signs(database)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the ±1 database on the device."""
+        return self._db.numel() * self._db.element_size()
+
+    @property
+    def kernel(self) -> str:
+        """``"torch"``: matrix products on the device."""
+        return "torch"
+
+    def _search_impl(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        n = self.ntotal
+        distances, labels = _no_neighbours(len(queries), k)
+        best = torch.empty((len(queries), 0), dtype=torch.int64, device=self._device)
+        for start, dist in self._blocks(queries):
+            rows = torch.arange(start, start + dist.shape[1], device=self._device)
+            keys = torch.cat((best, dist.to(torch.int64) * n + rows), dim=1)
+            best = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False, sorted=True).values
+        found = best.cpu().numpy()
+        distances[:, : found.shape[1]] = found // n
+        labels[:, : found.shape[1]] = found % n
+        return distances, labels
+
+    def _within_impl(self, queries: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+
+        parts = []
+        for start, dist in self._blocks(queries):
+            qi, col = torch.nonzero(dist <= limit, as_tuple=True)
+            parts.append((qi.cpu().numpy(), dist[qi, col].cpu().numpy(), (col + start).cpu().numpy()))
+        return _concat(parts)
+
+    def _distances_impl(self, queries: np.ndarray) -> np.ndarray:
+        out = np.empty((len(queries), self.ntotal), dtype=np.int32)
+        for start, dist in self._blocks(queries):
+            out[:, start : start + dist.shape[1]] = dist.cpu().numpy()
+        return out
+
+    def _blocks(self, queries: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(row_start, int32 distances (nq, rows))`` block by block, rows ascending."""
+        import torch
+
+        q = self._signs(queries)
+        rows = max(1, self._BLOCK_ELEMENTS // len(queries))
+        for start in range(0, self.ntotal, rows):
+            dots = q @ self._db[start : start + rows].T
+            yield start, (self._bits - dots.to(torch.int32)) // 2
+
+    def _signs(self, codes: np.ndarray) -> torch.Tensor:
+        """Packed codes → ``(n, bits)`` ±1 tensor on the device (zero padding → -1 on both sides)."""
+        import torch
+
+        shifts = torch.arange(8, dtype=torch.uint8, device=self._device)
+        out = torch.empty((len(codes), self._bits), dtype=self._dtype, device=self._device)
+        step = max(1, _UNPACK_BITS // self._bits)
+        for start in range(0, len(codes), step):
+            packed = torch.from_numpy(np.array(codes[start : start + step])).to(self._device)  # a writable copy
+            bits = (packed.unsqueeze(-1) >> shifts) & 1
+            out[start : start + step] = bits.reshape(len(packed), -1).to(self._dtype) * 2 - 1
+        return out
 
 
 def _no_neighbours(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:

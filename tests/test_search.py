@@ -371,13 +371,14 @@ def test_bad_kernel_requests_are_refused(cpu_kernel: str) -> None:
 
 def test_torch_kernel_matches_reference_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ±1 matrix-product kernel, run by torch on the CPU (fp32) behind the same wrapper."""
-    search_torch = pytest.importorskip("fgh_deploy.search_torch")
-    monkeypatch.setattr(search_torch.TorchHammingSearcher, "_BLOCK_ELEMENTS", 9 * 200)  # blocks of 200 rows
+    from fgh_deploy.search import TorchHammingSearcher
+
+    monkeypatch.setattr(TorchHammingSearcher, "_BLOCK_ELEMENTS", 9 * 200)  # blocks of 200 rows
     rng = np.random.default_rng(21)
     database = random_packed(rng, 1500, 48, pool=60)
     queries = np.concatenate([database[:3], random_packed(rng, 6, 48)])
     # No CUDA needed to check the torch code: it is device-agnostic, so run it on the CPU.
-    searcher = search_torch.TorchHammingSearcher(database, device="cpu")
+    searcher = TorchHammingSearcher(database, device="cpu")
     assert searcher.nbytes == 1500 * 48 * 4
     for k in (1, 10, 1500, 1503):
         assert_knn_matches(searcher.search(queries, k), queries, database, k)
