@@ -64,6 +64,7 @@ class BackboneInfo:
 
     @property
     def out_channels(self) -> int:
+        """Channels of the last stage's output: the width of the pooled features."""
         return self.stage_channels[-1]
 
 
@@ -112,6 +113,7 @@ def _dilate(conv: nn.Conv2d) -> None:
 
 
 def _resnet_stride_one(stage: nn.Sequential, dilate: bool) -> None:
+    """Turn a copied ResNet last stage to stride 1, in place (see :meth:`Backbone.copy_last_stage`)."""
     first = stage[0]
     # Bottleneck puts the stride on conv2 (ResNet v1.5), BasicBlock on conv1.
     strided = first.conv2 if hasattr(first, "conv3") else first.conv1
@@ -126,6 +128,7 @@ def _resnet_stride_one(stage: nn.Sequential, dilate: bool) -> None:
 
 
 def _build_resnet(arch: str, pretrained: PretrainedArg) -> Backbone:
+    """A torchvision ResNet split after ``layer3`` (stride 16): ``layer4`` is the last stage."""
     import torchvision.models as tvm
 
     builder = getattr(tvm, arch)
@@ -196,7 +199,10 @@ def lite0_keys_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def _lite0_state_dict_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Accept both the package's layout and timm's own (e.g. a file saved from fgh or timm).
+    """EfficientNet-Lite0 weights in timm's key layout, from the package's layout or timm's own.
+
+    Both are accepted because a ``--weights`` file may come from the package, fgh or timm.
+    """
     return lite0_keys_to_timm(state_dict) if "_conv_stem.weight" in state_dict else state_dict
 
 
@@ -213,6 +219,7 @@ def lite0_weights_path() -> Path:
 
 
 def _lite0_stride_one(stage: nn.Sequential, dilate: bool) -> None:
+    """Turn a copied EfficientNet-Lite0 last stage to stride 1, in place."""
     # timm's Conv2dSame recomputes TF "same" padding from its stride, so this stays exact.
     stage[0].conv_dw.stride = (1, 1)
     if dilate:
@@ -222,6 +229,10 @@ def _lite0_stride_one(stage: nn.Sequential, dilate: bool) -> None:
 
 
 def _build_efficientnet_lite0(pretrained: PretrainedArg) -> Backbone:
+    """timm's ``tf_efficientnet_lite0`` split after ``blocks[4]`` (stride 16).
+
+    ``blocks[5]``, ``blocks[6]`` and the 1×1 head conv form the last stage.
+    """
     import timm
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)

@@ -15,6 +15,7 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "
 
 
 def _torch_report() -> dict[str, Any]:
+    """torch's version, the CUDA and cuDNN it was built with, and the GPUs it sees."""
     import torch
 
     gpus = []
@@ -33,6 +34,7 @@ def _torch_report() -> dict[str, Any]:
 
 
 def _tiny_onnx(path: Path) -> None:
+    """Write a one-node ONNX model: a session on it proves that a provider really works."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -45,6 +47,11 @@ def _tiny_onnx(path: Path) -> None:
 
 
 def _ort_report() -> dict[str, Any]:
+    """The installed ONNX Runtime distributions, and which of the providers it lists actually run a model.
+
+    A provider whose libraries are missing is listed by ORT all the same, and a session silently
+    falls back to the CPU: only opening one tells.
+    """
     installed = {}
     for name in ORT_DISTRIBUTIONS:
         try:
@@ -82,6 +89,7 @@ def _ort_report() -> dict[str, Any]:
 
 
 def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
+    """Whether TensorRT imports, its API family, and in one sentence what ``fgh export --trt`` would do."""
     try:
         from fgh_deploy.export.tensorrt import api_family, import_tensorrt
 
@@ -120,6 +128,7 @@ def diagnose() -> dict[str, Any]:
 
 
 def _search_report() -> dict[str, Any]:
+    """Which CPU Hamming kernel the search uses (the compiled one, or numpy when it was not built)."""
     from .search import FUSED_MAX_BITS, cpu_kernel
 
     kernel = cpu_kernel()

@@ -119,6 +119,7 @@ class _Thumbnails:
         self._cache: dict[Path, str] = {}
 
     def frame(self, path: Path, alt: str) -> str:
+        """The image at ``path`` as a framed ``<img>``, or the reason it cannot be shown."""
         if path not in self._cache:
             self._cache[path] = self._render(path)
         body = self._cache[path]
@@ -127,6 +128,7 @@ class _Thumbnails:
         return f'<div class="frame">{body}</div>'
 
     def _render(self, path: Path) -> str:
+        """A ``data:`` URI of the thumbnail, or a placeholder ``<div>`` naming the decoding error."""
         try:
             image = decode_image(path, min_size=self.size)
         except ImageDecodeError as exc:
@@ -145,9 +147,11 @@ class _Labels:
         self.overrides = dict(overrides or {})
 
     def database(self, rel_path: str) -> str | None:
+        """The class of a database image (by its path in the index)."""
         return self.overrides.get(rel_path, label_from_path(rel_path))
 
     def query(self, query: str) -> str | None:
+        """The class of a query image (by the path it was given as)."""
         return self.overrides.get(query, query_label(query))
 
 
@@ -160,6 +164,7 @@ def _precision(query_class: str | None, hits: Sequence[Hit], labels: _Labels) ->
 
 def _query_html(result: QueryResult, index_root: Path, query_root: Path | None, labels: _Labels,
                 thumbs: _Thumbnails) -> tuple[str, float | None]:
+    """One query's row (its image, then its hits with rank, distance and class frame) and its precision."""
     query_path = Path(result.query)
     if query_root is not None and not query_path.is_absolute():
         query_path = query_root / query_path
@@ -217,6 +222,7 @@ def _typical_rows(bits: np.ndarray, members: np.ndarray, count: int) -> np.ndarr
 
 
 def _bits_html(index: CodeIndex, labels: _Labels, thumbs: _Thumbnails, bits_shown: int, examples: int) -> str:
+    """The per-bit view: for the most balanced bits, the images most typical of the bit set and unset."""
     total = len(index)
     if total == 0 or bits_shown == 0 or examples == 0:
         return ""

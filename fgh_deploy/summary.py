@@ -30,6 +30,7 @@ class ModelSummary:
     paper: str
 
     def to_dict(self) -> dict:
+        """The row as ``fgh models --json`` prints it."""
         return asdict(self)
 
 

@@ -133,6 +133,7 @@ def cosine_retrieval(query: torch.Tensor, q_labels: np.ndarray, database: torch.
 
 
 def _relevance(q_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
+    """(nq, nd) bool: a query and a database item share a label (class ids or multi-hot)."""
     if q_labels.ndim == 1:
         return q_labels[:, None] == db_labels[None, :]
     return (q_labels.astype(np.float64) @ db_labels.astype(np.float64).T) > 0

@@ -45,6 +45,7 @@ class HashModel(nn.Module, abc.ABC):
 
     @property
     def bits(self) -> int:
+        """Code length."""
         return self.config.bits
 
     @abc.abstractmethod
@@ -76,6 +77,7 @@ class HashModel(nn.Module, abc.ABC):
         return torch.tanh(self.hash_head(features))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images → (B, bits) tanh codes: the graph that export traces."""
         return self.codes(self.encode_features(self.normalize(images)))
 
     def forward_train(self, images: torch.Tensor, want: Collection[str] = TRAINING_OUTPUTS) -> dict[str, torch.Tensor]:

@@ -69,7 +69,8 @@ def resolve_options(name: str, options: dict[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(entry.options)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ConfigError(f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known)) or 'none'}")
+        raise ConfigError(f"{name}: unknown option(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(known)) or 'none'}")
     defaults = entry.options()
     for key, value in options.items():
         _check_option_type(name, key, value, getattr(defaults, key))

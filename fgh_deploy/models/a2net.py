@@ -49,6 +49,12 @@ class A2NetOptions:
 @register_model("a2net", options=A2NetOptions, summary="M attention parts + global, tied decoder (training)",
                 paper="Wei et al., A²-Net: Attribute-Aware Hash Codes for Fine-Grained Retrieval, NeurIPS 2021")
 class A2Net(HashModel):
+    """M attended parts and the global feature through two copies of the last stage, one hash layer on all.
+
+    The hash layer has no bias, so its transpose is the tied decoder the reconstruction loss
+    trains (see the module docstring).
+    """
+
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: A2NetOptions) -> None:
         super().__init__(config, preprocess, backbone.info.out_channels)

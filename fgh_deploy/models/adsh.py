@@ -26,6 +26,8 @@ class ADSHOptions:
 @register_model("adsh", options=ADSHOptions, summary="global features, linear hash layer (baseline)",
                 paper="Jiang & Li, Asymmetric Deep Supervised Hashing, AAAI 2018")
 class ADSH(HashModel):
+    """The baseline: one linear hash layer on the backbone's pooled features (no parts, no attention)."""
+
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: ADSHOptions) -> None:
         super().__init__(config, preprocess, backbone.info.out_channels)

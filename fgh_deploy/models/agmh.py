@@ -93,6 +93,11 @@ class AGMHOptions:
 @register_model("agmh", options=AGMHOptions, summary="stride-1 stage, 6 descriptor branches, SIEA (training)",
                 paper="Lu et al., Attributes Grouping and Mining Hashing for Fine-Grained Retrieval, ACM MM 2023")
 class AGMH(HashModel):
+    """Fused descriptor branches on a stride-1 last stage, one hash layer on their pooled concatenation.
+
+    The SIEA modules feed only the attention-dispersion loss, so they are training-only.
+    """
+
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: AGMHOptions) -> None:
         super().__init__(config, preprocess, backbone.info.out_channels)

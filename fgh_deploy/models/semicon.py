@@ -81,6 +81,11 @@ class SEMICONOptions:
 @register_model("semicon", options=SEMICONOptions, summary="3 suppressed attention parts + ICON channel interaction",
                 paper="Shen et al., SEMICON: Learning-to-hash for Fine-grained Retrieval, ECCV 2022")
 class SEMICON(HashModel):
+    """A global branch and three suppression-masked parts, each hashed to its share of the code.
+
+    The code is the global bits followed by the three parts' bits (:func:`code_split`).
+    """
+
     def __init__(self, config: HashConfig, preprocess: PreprocessConfig, backbone: Backbone,
                  options: SEMICONOptions) -> None:
         super().__init__(config, preprocess, backbone.info.out_channels)
@@ -134,7 +139,10 @@ class SEMICON(HashModel):
 
 
 def _reinitialise(block: nn.Module) -> None:
-    # torchvision's ResNet init: what the untouched block gets in the public code.
+    """Give ``block`` fresh random weights (``reproduce_official_init``).
+
+    torchvision's ResNet init, which is what the block the public code forgets to copy keeps.
+    """
     for m in block.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
