@@ -84,10 +84,7 @@ def models(
     """List the hashing models × backbones with parameters and GMACs at the input size."""
     from .summary import summarize_all
 
-    try:
-        rows = summarize_all(bits, input_size, model, backbone)
-    except ValueError as exc:
-        raise FghError(str(exc)) from exc
+    rows = summarize_all(bits, input_size, model, backbone)
     if as_json:
         _print_json({"schema_version": 1, "models": [r.to_dict() for r in rows]})
         return
@@ -217,92 +214,67 @@ def query(
         stdout.print(table)
 
 
-def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``--option key=value`` pairs → dict, values parsed as JSON where possible (4, 0.3, true)."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise FghError(f"--option expects key=value, got '{terminal_safe(pair)}'")
-        try:
-            options[key] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
-            options[key] = value
-    return options
+def _with_train_config_options(command: Any) -> Any:
+    """Give ``command`` one option per :class:`TrainConfig` field, and ``--set`` for those without one.
+
+    Typer reads a command's options from its signature, so they are written into it from the
+    fields: each option's names and help are declared next to its field (``train.config.TRAIN_OPTIONS``);
+    every value reaches ``command`` as typed (a string, a switch's bool, a repeated option's list)
+    and :func:`~fgh_deploy.train.config.command_line_values` converts it by the field's type.
+    """
+    import inspect
+
+    from fgh_deploy.train.config import TRAIN_OPTIONS
+
+    def keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    parameters = []
+    for option in TRAIN_OPTIONS.values():
+        if not option.own_option:
+            continue
+        if option.kind == "switch":
+            names = (f"{option.flags[0]}/{option.off}", *option.flags[1:])
+            switch = Annotated[bool | None, typer.Option(*names, help=option.help)]
+            parameters.append(keyword(option.name, switch, None))
+            continue
+        received = list[str] | None if option.kind == "pairs" else str | None
+        parameters.append(keyword(option.name, Annotated[received, typer.Option(
+            *option.flags, help=option.help, metavar=option.metavar)], option.cli_default))
+        if option.off_name:
+            parameters.append(keyword(option.off_name, Annotated[bool, typer.Option(option.off, help=option.off_help)],
+                                      False))
+    settable = ", ".join(option.name for option in TRAIN_OPTIONS.values() if not option.own_option)
+    assignments = Annotated[list[str] | None, typer.Option(
+        "--set", metavar="FIELD=VALUE", help=f"Set a train config field without an option of its own: {settable} "
+                                             f"(repeatable).")]
+    parameters.append(keyword("assignments", assignments, None))
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*parameters, *own])
+    return command
 
 
 @app.command()
+@_with_train_config_options
 def train(
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (splits.tsv, CUB-200-2011, train/ + test/, or one folder per class).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="adsh, a2net, semicon or agmh.")] = None,
-    bits: Annotated[int | None, typer.Option("--bits", "-b", min=1)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (with --resume: the run to continue, wherever it was first written).")] = Path("runs/fgh"),
-    backbone: Annotated[str | None, typer.Option("--backbone", help="resnet50 (default), resnet18 or efficientnet_lite0.")] = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="paper (the papers' schedules, default) or fast.")] = None,
+    *,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last completed iteration (--iterations may extend it).")] = False,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Local backbone weights instead of the ImageNet download.")] = None,
-    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights.")] = False,
-    input_size: Annotated[int | None, typer.Option("--input-size", min=32, help="Square input size (default 224).")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", help="Model option key=value (e.g. num_parts=4).")] = None,
-    iterations: Annotated[int | None, typer.Option("--iterations", min=1)] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
-    num_samples: Annotated[int | None, typer.Option("--num-samples", min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Rate of the layers that start from pretrained weights.")] = None,
-    lr_new: Annotated[float | None, typer.Option("--lr-new", help="Rate of the new layers (attention, interaction, hash).")] = None,
-    scale_hash_rate: Annotated[bool | None, typer.Option("--scale-hash-rate/--no-scale-hash-rate", help="Hash layers at lr-new × feature width / fan-in (default; off in the paper presets).")] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd (the papers') or adamw.")] = None,
-    momentum: Annotated[float | None, typer.Option("--momentum")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
-    lr_steps: Annotated[str | None, typer.Option("--lr-steps", help="Comma-separated iterations, e.g. 30,35.")] = None,
-    gamma: Annotated[float | None, typer.Option("--gamma", help="Quantization weight.")] = None,
-    aux_start: Annotated[float | None, typer.Option("--aux-start", help="A²-Net: fraction of the iterations after which its reconstruction and decorrelation losses start (1: never).")] = None,
-    adl_weight: Annotated[float | None, typer.Option("--adl-weight", help="AGMH: weight of the attention-dispersion loss (0: its attention branch does not run).")] = None,
-    nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov")] = None,
-    freeze_trunk: Annotated[bool | None, typer.Option("--freeze-trunk/--train-trunk", help="Keep the shared trunk at its pretrained weights.")] = None,
-    trunk_cache_views: Annotated[int | None, typer.Option("--trunk-cache-views", min=0, help="With a frozen trunk: its output for this many augmented views per image, computed once (0: every pass).")] = None,
-    crop_scale: Annotated[str | None, typer.Option("--crop-scale", help="RandomResizedCrop scale range, e.g. 0.08,1.")] = None,
-    val_fraction: Annotated[float | None, typer.Option("--val-fraction")] = None,
-    query_fraction: Annotated[float | None, typer.Option("--query-fraction", help="On a plain class-folder tree: the share of each class drawn as queries (default 0.2).")] = None,
-    select_on: Annotated[str | None, typer.Option("--select-on", help="val, or query (the papers' test-set selection).")] = None,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", min=1)] = None,
-    workers: Annotated[int | None, typer.Option("--workers", min=0)] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto (default), cpu or cuda[:N].")] = None,
-    amp: Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     as_json: JsonOption = False,
+    **options: Any,
 ) -> None:
     """Train a hashing model with ADSH asymmetric hashing (writes last.pt, best.pt, metrics.jsonl)."""
-    from fgh_deploy.train.config import make_config, resume_config
+    from fgh_deploy.train.config import command_line_values, make_config, resume_config
     from fgh_deploy.train.trainer import train as run_training
 
-    crop: tuple[float, ...] | None = None
-    if crop_scale is not None:
-        try:
-            crop = tuple(float(v) for v in crop_scale.split(","))
-        except ValueError:
-            raise FghError(f"--crop-scale expects two numbers separated by a comma (e.g. 0.08,1), "
-                           f"got '{terminal_safe(crop_scale)}'") from None
-    given = {
-        "data": None if data is None else str(data), "model": model, "bits": bits, "backbone": backbone,
-        "preset": preset, "pretrained": str(weights) if weights else (False if no_pretrained else None),
-        "input_size": input_size, "model_options": _parse_options(option) if option else None,
-        "iterations": iterations, "epochs": epochs, "num_samples": num_samples, "batch_size": batch_size, "lr": lr,
-        "lr_new": lr_new, "scale_hash_rate": scale_hash_rate, "optimizer": optimizer, "momentum": momentum,
-        "weight_decay": weight_decay, "lr_steps": list(parse_int_list(lr_steps, "--lr-steps")) if lr_steps else None,
-        "gamma": gamma, "aux_start": aux_start, "adl_weight": adl_weight, "nesterov": nesterov,
-        "freeze_trunk": freeze_trunk, "trunk_cache_views": trunk_cache_views, "crop_scale": crop,
-        "val_fraction": val_fraction, "query_fraction": query_fraction, "select_on": select_on,
-        "eval_every": eval_every, "workers": workers, "seed": seed, "device": device, "amp": amp,
-    }
-    given = {name: value for name, value in given.items() if value is not None}
+    given = command_line_values(options, options.pop("assignments") or ())
+    out = given.pop("out")
     if resume:
         config = resume_config(out, given)
     else:
         missing = [f"--{name}" for name in ("data", "model", "bits") if name not in given]
         if missing:
             raise FghError(f"fgh train needs {', '.join(missing)} (or --resume --out RUN)")
-        config = make_config(given.pop("preset", "paper"), out=str(out), **given)
+        config = make_config(given.pop("preset", "paper"), out=out, **given)
     result = run_training(config, resume=resume, progress=None if not as_json else False)
     if not result.is_main:
         return
@@ -386,19 +358,16 @@ def export_(
 ) -> None:
     """Export a checkpoint to ONNX (and FP16 ONNX, TensorRT), checking codes against PyTorch."""
     from fgh_deploy.export.pipeline import export_checkpoint
+    from fgh_deploy.export.tensorrt import TrtBuildOptions
 
-    if precision not in ("fp16", "fp32"):
-        raise FghError(f"--precision must be fp16 or fp32, got {precision!r}")
-    try:
-        profile = tuple(int(v) for v in batch.split(","))
-    except ValueError:
-        profile = ()
-    if len(profile) != 3 or not 1 <= profile[0] <= profile[1] <= profile[2]:
-        raise FghError(f"--batch expects MIN,OPT,MAX with 1 ≤ MIN ≤ OPT ≤ MAX, got {batch!r}")
-    result = export_checkpoint(checkpoint, out_dir=out_dir, fp16=fp16, trt=trt, trt_precision=precision, calib=calib,
-                               calib_count=calib_count, batch=profile, workspace_gib=workspace,
-                               optimization_level=opt_level, dla_core=dla_core, timing_cache=timing_cache,
-                               min_agreement=min_agreement)
+    profile = parse_int_list(batch, "--batch")
+    if len(profile) != 3:
+        raise FghError(f"--batch expects MIN,OPT,MAX, got '{terminal_safe(batch)}'")
+    # Checked even without --trt, so a bad option fails before the ONNX stages run.
+    trt_options = TrtBuildOptions(precision=precision, batch=profile, workspace_gib=workspace,
+                                  optimization_level=opt_level, dla_core=dla_core, timing_cache=timing_cache)
+    result = export_checkpoint(checkpoint, out_dir=out_dir, fp16=fp16, trt_options=trt_options if trt else None,
+                               calib=calib, calib_count=calib_count, min_agreement=min_agreement)
     if as_json:
         _print_json(result.to_dict())
     if not result.passed:
