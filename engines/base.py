@@ -35,7 +35,7 @@ class Engine(abc.ABC):
     kind: str = ""
 
     def __init__(self, path: Path, preprocess: PreprocessConfig, fingerprint: str, model: dict[str, Any]) -> None:
-        self.path = path
+        self.path = Path(path)
         self.preprocess = preprocess
         self.fingerprint = fingerprint
         self.model = model

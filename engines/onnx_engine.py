@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ class OnnxEngine(Engine):
 
     kind = "onnxruntime"
 
-    def __init__(self, path: Path, providers: list[str] | None = None, device: str = "auto") -> None:
+    def __init__(self, path: str | os.PathLike[str], providers: list[str] | None = None, device: str = "auto") -> None:
         import onnxruntime as ort
 
+        path = Path(path)
         check_device(device)
         data, meta, preprocess = read_verified_model(path)
         super().__init__(path, preprocess, meta["fingerprint"], HashConfig.from_dict(meta["model"]).to_dict())

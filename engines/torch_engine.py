@@ -11,6 +11,7 @@ import torch
 
 from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.models import model_from_checkpoint
 from fgh_deploy.utils import resolve_device, terminal_safe
 
 from .base import Engine
@@ -32,7 +33,7 @@ class TorchEngine(Engine):
         # load_checkpoint verifies the weights against the fingerprint before it is reported.
         ckpt = load_checkpoint(path)
         super().__init__(path, ckpt.preprocess, ckpt.fingerprint, ckpt.config.to_dict())
-        self.network = ckpt.build_model(self.device)
+        self.network = model_from_checkpoint(ckpt, self.device)
         self._autocast = self.device.type == "cuda"
         if self._autocast:
             self.network = self.network.to(memory_format=torch.channels_last)

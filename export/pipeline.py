@@ -20,6 +20,7 @@ import torch
 from fgh_deploy.checkpoint import Checkpoint, load_checkpoint
 from fgh_deploy.engines.onnx_format import INPUT_NAME, OUTPUT_NAME
 from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.models import model_from_checkpoint
 from fgh_deploy.utils import display_path, sha256_file, terminal_safe
 from fgh_deploy.version import __version__
 
@@ -132,7 +133,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, out_dir: str | os.PathLi
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build_model("cpu")
+    model = model_from_checkpoint(ckpt, "cpu")
     out = Path(out_dir) if out_dir else checkpoint.parent
     if out.exists() and not out.is_dir():
         raise FghError(f"{display_path(out)}: --out-dir names a file, not a directory; nothing was written")

@@ -7,14 +7,15 @@
 """
 
 from .backbones import build_backbone, list_backbones
-from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import HashConfig, PreprocessConfig
-from .errors import FghError
-from .models import HashModel, build_model, build_model_from_config, list_models
+from .errors import ConfigError, FghError
+from .models import HashModel, build_model, build_model_from_config, list_models, load_model, model_from_checkpoint
 from .version import __version__
 
 __all__ = [
     "Checkpoint",
+    "ConfigError",
     "FghError",
     "HashConfig",
     "HashModel",
@@ -27,5 +28,6 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "load_model",
+    "model_from_checkpoint",
     "save_checkpoint",
 ]

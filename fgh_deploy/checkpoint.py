@@ -54,22 +54,6 @@ class Checkpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def build_model(self, device: str | torch.device = "cpu") -> "HashModel":  # noqa: F821
-        """The model with these weights, in eval mode."""
-        from .models import build_model_from_config
-
-        try:
-            model = build_model_from_config(self.config, self.preprocess)
-        except ValueError as exc:
-            raise FghError(f"{display_path(self.path)}: {exc}") from None
-        try:
-            model.load_state_dict(self.state_dict, strict=True)
-        except RuntimeError as exc:
-            reason = " ".join(str(exc).split())[:300]
-            raise FghError(f"{display_path(self.path)}: weights do not match its model config "
-                           f"({terminal_safe(reason)})") from exc
-        return model.to(device).eval()
-
 
 def fingerprint(config: HashConfig, preprocess: PreprocessConfig, state_dict: dict[str, torch.Tensor]) -> str:
     """sha256 over the config, the preprocessing and every tensor's name, dtype, shape and bytes."""
@@ -179,8 +163,3 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     if verify and fingerprint(ckpt.config, ckpt.preprocess, ckpt.state_dict) != ckpt.fingerprint:
         raise FghError(f"{shown}: damaged checkpoint: weights do not match the recorded fingerprint")
     return ckpt
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> "HashModel":  # noqa: F821
-    """Load a checkpoint and return its model in eval mode on ``device``."""
-    return load_checkpoint(path).build_model(device)

@@ -91,7 +91,7 @@ def _ort_report() -> dict[str, Any]:
 def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
     """Whether TensorRT imports, its API family, and in one sentence what ``fgh export --trt`` would do."""
     try:
-        from fgh_deploy.export.tensorrt import api_family, import_tensorrt
+        from fgh_deploy.engines.trt_format import api_family, import_tensorrt
 
         trt = import_tensorrt()
     except Exception as exc:  # BackendUnavailableError, or a broken install's ImportError/OSError

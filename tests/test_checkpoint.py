@@ -188,5 +188,5 @@ def test_model_options_from_a_file_are_bounded_and_typed(tmp_path: Path, value, 
 
     _rewrite(path, edit)
     with pytest.raises(fgh.FghError) as info:
-        fgh.load_checkpoint(path).build_model()
+        fgh.model_from_checkpoint(fgh.load_checkpoint(path))
     assert str(info.value) == f"{path}: {reason}"

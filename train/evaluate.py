@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.errors import FghError
-from fgh_deploy.models import HashModel
+from fgh_deploy.models import HashModel, model_from_checkpoint
 from fgh_deploy.utils import display_path, resolve_device
 
 from .baselines import evaluate_baselines, pretrained_features
@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
     if classes is not None and list(classes) != dataset.classes:
         raise FghError(f"{display_path(checkpoint)}: trained on {len(classes)} classes that differ from the "
                        f"{len(dataset.classes)} classes of {display_path(data)}")
-    model = ckpt.build_model(resolved)
+    model = model_from_checkpoint(ckpt, resolved)
     encode = lambda samples: encode_samples(model, samples, dataset.root, resolved, workers=workers)  # noqa: E731
     query_codes = encode(dataset.query)
     query_labels = torch.tensor([s.label for s in dataset.query]).numpy()

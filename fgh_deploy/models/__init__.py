@@ -7,7 +7,9 @@ from ._registry import (
     build_model_from_config,
     default_preprocess,
     list_models,
+    load_model,
     model_entry,
+    model_from_checkpoint,
     register_model,
 )
 
@@ -21,6 +23,8 @@ __all__ = [
     "build_model_from_config",
     "default_preprocess",
     "list_models",
+    "load_model",
     "model_entry",
+    "model_from_checkpoint",
     "register_model",
 ]

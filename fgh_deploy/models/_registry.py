@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from ..backbones import PretrainedArg, backbone_normalization, build_backbone, check_backbone
+from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import HashConfig, PreprocessConfig
-from ..errors import ConfigError
-from ..utils import terminal_safe
+from ..errors import ConfigError, FghError
+from ..utils import display_path, terminal_safe
 from ._base import HashModel
 
 
@@ -111,6 +115,31 @@ def build_model_from_config(config: HashConfig, preprocess: PreprocessConfig | N
     model = entry.cls(config, preprocess, backbone, opts)
     model.backbone_weights = backbone.weights_source  # recorded in checkpoint provenance
     return model
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> HashModel:
+    """The model a loaded checkpoint describes, with its weights, in eval mode on ``device``.
+
+    Raises:
+        FghError: the checkpoint's config names a model the registry refuses, or its weights do
+            not fit that model; one line naming the file.
+    """
+    where = display_path(ckpt.path)
+    try:
+        model = build_model_from_config(ckpt.config, ckpt.preprocess)
+    except ConfigError as exc:
+        raise FghError(f"{where}: {exc}") from None
+    try:
+        model.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise FghError(f"{where}: weights do not match its model config ({terminal_safe(reason)})") from exc
+    return model.to(device).eval()
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> HashModel:
+    """Load a checkpoint (verified, see :func:`~fgh_deploy.checkpoint.load_checkpoint`) and return its model."""
+    return model_from_checkpoint(load_checkpoint(path), device)
 
 
 def build_model(name: str, bits: int, *, backbone: str = "resnet50", pretrained: PretrainedArg = False,
