@@ -18,9 +18,7 @@ import logging
 import os
 import shlex
 import shutil
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import FghError
-from .utils import atomic_write, display_path
+from .utils import atomic_write, display_path, timed
 
 if TYPE_CHECKING:
     from fgh_deploy.train.data import HashingDataset, Sample
@@ -125,35 +123,27 @@ def run_demo(out: str | os.PathLike = "fgh-demo", *, data: str | os.PathLike | N
     out = Path(out)
     _claim_out_folder(out)
     seconds: dict[str, float] = {}
-    with _timed(seconds, "data"):
+    with timed(seconds, "data"):
         dataset = _load_data(data)
-    with _timed(seconds, "train"):
+    with timed(seconds, "train"):
         checkpoint = _train(dataset, out / "run", options)
-    with _timed(seconds, "export"):
+    with timed(seconds, "export"):
         onnx_path = _export(checkpoint, out)
-    with _timed(seconds, "encode"):
+    with timed(seconds, "encode"):
         database_images = _encode(dataset, onnx_path, out, options.workers)
-    with _timed(seconds, "query+eval"):
+    with timed(seconds, "query+eval"):
         evaluation = _query_and_evaluate(dataset, out, options)
     metrics = evaluation.metrics
     result = DemoResult(
         out=out, data=dataset.root, model=model, bits=bits, map_all=metrics["map@all/index"],
         map_tie_aware=metrics["map@all/expected"], chance_map=metrics["chance_map@all"],
         precision_at_10=metrics[f"precision@{TOP_K}"], queries=len(evaluation.queries), database=database_images,
-        stage_seconds=seconds,
+        stage_seconds={stage: round(s, 1) for stage, s in seconds.items()},
         artifacts={"checkpoint": str(checkpoint), "onnx": str(onnx_path), "index": str(out / "index"),
                    "report": str(evaluation.report), "metrics": str(out / "run" / "metrics.jsonl")},
         next_commands=_next_commands(out, dataset.root, checkpoint, evaluation.queries[0]))
     atomic_write(out / DEMO_MARKER, lambda f: f.write(json.dumps(result.to_dict(), indent=2).encode()))
     return result
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    """Record the wall time of the ``with`` body as ``seconds[stage]`` (for the result's stage times)."""
-    started = time.perf_counter()
-    yield
-    seconds[stage] = round(time.perf_counter() - started, 1)
 
 
 def _claim_out_folder(out: Path) -> None:

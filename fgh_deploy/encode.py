@@ -37,7 +37,7 @@ from .bits import pack_codes
 from .errors import FghError
 from .images import IMAGE_EXTENSIONS, ImageBatchLoader, ImageScan, scan_images
 from .index import SKIPPED_LOG, CodeIndex
-from .utils import atomic_write, display_path
+from .utils import atomic_write, display_path, timed
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -241,13 +241,13 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                 _append_batch(index, engine, images, rel, stats, pad_to, timings)
                 summary.encoded += len(indices)
             if time.perf_counter() - last_commit >= options.commit_seconds:
-                with _timed(timings, "write"):
+                with timed(timings, "write"):
                     index.commit()
                 last_commit = time.perf_counter()
             done = summary.encoded + len(summary.skipped)
             progress.update(task, completed=done, rate=done / max(time.perf_counter() - started, 1e-9))
             tick = time.perf_counter()
-        with _timed(timings, "write"):
+        with timed(timings, "write"):
             index.commit()
     # The loader decodes on the GPU while this loop waits for the next batch.
     timings["gpu_decode"] = loader.device_decode_seconds
@@ -260,20 +260,12 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
 def _append_batch(index: CodeIndex, engine: Engine, images: torch.Tensor, rel: list[str],
                   stats: dict[str, tuple[int, int]], pad_to: int, timings: dict[str, float]) -> None:
     """Encode one batch (padded to ``pad_to`` rows when that is more) and append its rows, uncommitted."""
-    with _timed(timings, "engine"):
+    with timed(timings, "engine"):
         codes = engine.encode(_padded(images, pad_to))[: len(rel)]
-    with _timed(timings, "pack"):
+    with timed(timings, "pack"):
         packed = pack_codes(codes)
-    with _timed(timings, "write"):
+    with timed(timings, "write"):
         index.append(packed, rel, np.array([stats[p] for p in rel], dtype=np.int64))
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[stage]``."""
-    start = time.perf_counter()
-    yield
-    timings[stage] += time.perf_counter() - start
 
 
 def _progress_bar(show: bool) -> Progress:

@@ -8,7 +8,8 @@ Each is written once here (the modules above import them; this one imports only 
   ``markup=False`` so that ``[...]`` in a name is shown as written;
 * files: :func:`atomic_write`, :func:`fsync_dir`, :func:`sha256_file`;
 * values from users and files: :func:`check_int`, :func:`check_device`, :func:`resolve_device`,
-  :func:`parse_int_list`.
+  :func:`parse_int_list`;
+* stage times: :func:`timed`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import operator
 import os
 import re
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -153,3 +156,13 @@ def resolve_device(device: str) -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise FghError(f"--device {device}: no such CUDA device ({torch.cuda.device_count()} visible)")
     return resolved
+
+
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``seconds[stage]`` (0 when absent)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
