@@ -6,7 +6,16 @@
 >>> fgh_deploy.save_checkpoint(model, "semicon48.pt")
 """
 
-from .backbones import build_backbone, list_backbones
+from pathlib import Path as _Path
+
+# Imported from a source checkout rather than from the install (``python -m fgh_deploy.cli`` or
+# ``torchrun -m`` run in the repository root puts the checkout first on sys.path): the subpackages
+# train, export and engines are the checkout's top-level folders, as pyproject.toml maps them.
+_CHECKOUT = _Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "train" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT))
+
+from .backbones import build_backbone, list_backbones  # noqa: E402
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import HashConfig, PreprocessConfig
 from .errors import ConfigError, FghError
