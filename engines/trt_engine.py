@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fgh_deploy.config import HashConfig, PreprocessConfig
-from fgh_deploy.errors import BackendUnavailableError, FghError
+from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
 from fgh_deploy.utils import check_device, display_path, resolve_device, terminal_safe
 
 from .base import Engine
@@ -33,8 +33,8 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 class TensorRTEngine(Engine):
     """An fgh TensorRT engine (``.engine``) on a CUDA GPU (or a Jetson's GPU/DLA).
 
-    Batches larger than the optimization profile's max are split into chunks; a batch smaller
-    than its min is refused. With ``cuda_graph_batch`` set, batches of exactly that size replay a
+    Batches larger than the optimization profile's max are split into chunks; a chunk smaller than
+    its min (the last one, or any on a static DLA profile) runs padded to it. With ``cuda_graph_batch`` set, batches of exactly that size replay a
     captured CUDA graph (one ``execute_async_v3``), which saves the per-call launch overhead that
     dominates small batches; other sizes use the plain launch.
 
@@ -113,6 +113,11 @@ class TensorRTEngine(Engine):
                 raise BackendUnavailableError(f"no usable CUDA GPU for TensorRT: "
                                               f"{logger.last_errors() or exc}") from exc
             if self.dla_core is not None:
+                cores = int(self._runtime.num_DLA_cores)
+                if not 0 <= self.dla_core < cores:
+                    raise IncompatibleEngineError(
+                        f"{self.shown_path}: built for DLA core {self.dla_core}, but this device has {cores} DLA "
+                        f"core(s); rebuild it with: {self.rebuild}")
                 self._runtime.DLA_core = int(self.dla_core)
             self._engine = self._runtime.deserialize_cuda_engine(plan)
             if self._engine is None:
@@ -168,8 +173,7 @@ class TensorRTEngine(Engine):
         if not self._context.set_input_shape(self._input_name, (batch, 3, size, size)):
             low, opt, high = self.profile
             raise FghError(f"{self.shown_path}: a batch of {batch} is outside the engine's optimization profile "
-                           f"(min {low}, opt {opt}, max {high}); encode at least {low} images per call or rebuild "
-                           f"with a smaller min batch: {self.rebuild}")
+                           f"(min {low}, opt {opt}, max {high}); rebuild it with: {self.rebuild}")
         out_shape = tuple(self._context.get_tensor_shape(self._output_name))
         if out_shape != (batch, self.bits):
             raise FghError(f"{self.shown_path}: the engine reports output shape {out_shape} for a batch of {batch}, "
@@ -207,7 +211,10 @@ class TensorRTEngine(Engine):
 
     def _run_chunk(self, chunk: torch.Tensor) -> np.ndarray:
         batch = chunk.shape[0]
-        self._ensure_capacity(max(batch, self.cuda_graph_batch or 0))
+        # A chunk shorter than the profile's min (a static DLA profile, the last chunk) runs padded to
+        # it; the padding rows hold stale input and their codes are dropped.
+        run = max(batch, self.profile[0])
+        self._ensure_capacity(max(run, self.cuda_graph_batch or 0))
         target = self._input[:batch]
         if chunk.device.type == "cpu":
             # Through pinned memory so the upload is a real asynchronous DMA; the buffer is reused
@@ -219,10 +226,10 @@ class TensorRTEngine(Engine):
             target.copy_(staging, non_blocking=True)
         else:
             target.copy_(chunk)
-        if batch == self.cuda_graph_batch:
-            self._replay(batch)
+        if run == self.cuda_graph_batch:
+            self._replay(run)
         else:
-            self._launch(batch)
+            self._launch(run)
         return self._output[:batch].float().cpu().numpy()
 
     def _encode_impl(self, images: torch.Tensor | np.ndarray) -> np.ndarray:

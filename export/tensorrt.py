@@ -52,7 +52,8 @@ class TrtBuildOptions:
         workspace_gib: TensorRT workspace memory pool limit.
         optimization_level: builder optimization level 0–5 (0: fastest build, ignores the timing
             cache; 3: TensorRT's default).
-        dla_core: build for this DLA core with GPU fallback (Jetson); needs ``fp16``.
+        dla_core: build for this DLA core with GPU fallback (Jetson, TensorRT 10.x: JetPack has no
+            TensorRT 11); needs ``fp16`` and a static batch (DLA has no dynamic shapes).
         timing_cache: file to load tactic timings from (when it exists) and save them to; valid only
             for the same GPU, CUDA and TensorRT version, so key its name like the engine's. None: no
             cache (``fgh export`` then keeps one next to the engine).
@@ -95,6 +96,10 @@ class TrtBuildOptions:
                 raise ConfigError(f"dla_core must be a DLA core number 0..15, got {self.dla_core!r}")
             if self.precision != "fp16":
                 raise ConfigError("DLA runs FP16 (or INT8) only: build with precision fp16 to use a DLA core")
+            if len(set(batch)) != 1:
+                # DLA has no dynamic dimensions: a 1/16/64 profile fails the build or runs on the GPU.
+                raise ConfigError(f"DLA needs a static batch (min = opt = max), got {'/'.join(map(str, batch))}; "
+                                  f"pass e.g. --batch {batch[1]},{batch[1]},{batch[1]} (shorter batches are padded)")
 
 
 def _is_int(value: Any) -> bool:

@@ -103,10 +103,11 @@ def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
         plan = "fgh export --trt cannot build engines here: no CUDA GPU (engines are built on the GPU that runs them)"
     elif family >= 11:
         plan = (f"fgh export --trt builds a strongly typed engine with TensorRT {trt.__version__}: precision "
-                f"comes from the FP16 ONNX graph (FP32 islands kept)")
+                f"comes from the FP16 ONNX graph (FP32 islands kept); DLA (--dla-core) is a TensorRT 10.x path "
+                f"(JetPack), not available with 11.x")
     else:
         plan = (f"fgh export --trt builds with TensorRT {trt.__version__} (API 10.x): FP32 ONNX + the FP16 builder "
-                f"flag, softmax/reduction layers pinned to FP32")
+                f"flag, softmax/reduction layers pinned to FP32; --dla-core needs a static --batch N,N,N")
     return {"available": True, "version": trt.__version__, "api_family": family, "export_plan": plan}
 
 

@@ -191,6 +191,7 @@ def test_onnx_float_precision(tmp_path: Path) -> None:
     ({"precision": "fp16", "batch": (8, 4, 16)}, ValueError, "1 <= min <= opt <= max"),
     ({"precision": "fp16", "optimization_level": 6}, ValueError, "optimization_level"),
     ({"precision": "fp32", "dla_core": 0}, FghError, "DLA runs FP16"),
+    ({"precision": "fp16", "dla_core": 0}, FghError, "DLA needs a static batch .min = opt = max., got 1/16/64"),
     ({"precision": "fp16", "header": {"bits": 48}}, ValueError, "header lacks preprocess"),
 ])
 def test_build_engine_refuses_bad_arguments(tmp_path: Path, kwargs: dict[str, Any], error: type, match: str) -> None:
@@ -403,6 +404,22 @@ def test_the_rebuild_command_carries_every_build_option() -> None:
 
     fp32 = TrtBuildOptions(precision="fp32", batch=(2, 8, 32), workspace_gib=1.5, optimization_level=5)
     assert fp32.command_line() == "--precision fp32 --batch 2,8,32 --workspace 1.5 --opt-level 5"
-    dla = TrtBuildOptions(dla_core=1)
-    assert dla.command_line() == "--precision fp16 --batch 1,16,64 --workspace 2 --opt-level 3 --dla-core 1"
+    dla = TrtBuildOptions(batch=(8, 8, 8), dla_core=1)
+    assert dla.command_line() == "--precision fp16 --batch 8,8,8 --workspace 2 --opt-level 3 --dla-core 1"
     assert TrtBuildOptions().command_line() == "--precision fp16 --batch 1,16,64 --workspace 2 --opt-level 3"
+
+
+def test_dla_with_a_dynamic_batch_is_one_line_before_tensorrt_is_needed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import fgh_deploy as fgh
+
+    checkpoint = fgh.save_checkpoint(fgh.build_model("adsh", 8, backbone="resnet18", input_size=32), tmp_path / "m.pt")
+    result = subprocess.run([sys.executable, "-c", "from fgh_deploy.cli import main; main()", "export", str(checkpoint),
+                             "--trt", "--dla-core", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "fgh: error: DLA needs a static batch (min = opt = max), got 1/16/64; pass e.g. --batch 16,16,16 "
+        "(shorter batches are padded)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # nothing exported
