@@ -58,8 +58,17 @@ HEADER_KEYS = (
     "model", "fingerprint", "checkpoint", "rebuild", DIGEST_KEY,
 )
 
-INSTALL_HINT = ("on x86-64 GPU servers run `pip install 'fgh[trt]'`; on Jetson use JetPack's TensorRT "
-                "from a venv created with `python3 -m venv --system-site-packages`")
+def tensorrt_extra(torch_cuda: str | None = torch.version.cuda) -> str | None:
+    """The fgh extra whose TensorRT matches torch's CUDA (``trt-cu12``, ``trt-cu13``); None without CUDA."""
+    if not torch_cuda:
+        return None
+    major = torch_cuda.split(".")[0]
+    return f"trt-cu{major}" if major in ("12", "13") else None
+
+
+INSTALL_HINT = (f"on x86-64 GPU servers run `pip install 'fgh[{tensorrt_extra() or 'trt-cu13'}]'` (the extra "
+                f"matching torch's CUDA; fgh doctor names it); on Jetson use JetPack's TensorRT from a venv "
+                f"created with `python3 -m venv --system-site-packages`")
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,14 +90,17 @@ def _ort_report() -> dict[str, Any]:
 
 def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
     """Whether TensorRT imports, its API family, and in one sentence what ``fgh export --trt`` would do."""
-    try:
-        from fgh_deploy.engines.trt_format import api_family, import_tensorrt
+    from fgh_deploy.engines.trt_format import api_family, import_tensorrt, tensorrt_extra
 
+    extra = tensorrt_extra(torch_report["cuda_build"])
+    fits = (f"the TensorRT extra for this torch (CUDA {torch_report['cuda_build']}) is fgh[{extra}]" if extra else
+            "this torch has no CUDA 12 or 13 build, which TensorRT's pip wheels need")
+    try:
         trt = import_tensorrt()
     except Exception as exc:  # BackendUnavailableError, or a broken install's ImportError/OSError
         message = " ".join(str(exc).split())
-        return {"available": False, "reason": message,
-                "export_plan": f"fgh export --trt cannot build engines here: {message}"}
+        return {"available": False, "reason": message, "extra": extra,
+                "export_plan": f"fgh export --trt cannot build engines here: {message}; {fits}"}
     family = api_family(trt)
     if not torch_report["cuda_available"]:
         plan = "fgh export --trt cannot build engines here: no CUDA GPU (engines are built on the GPU that runs them)"
@@ -108,7 +111,8 @@ def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
     else:
         plan = (f"fgh export --trt builds with TensorRT {trt.__version__} (API 10.x): FP32 ONNX + the FP16 builder "
                 f"flag, softmax/reduction layers pinned to FP32; --dla-core needs a static --batch N,N,N")
-    return {"available": True, "version": trt.__version__, "api_family": family, "export_plan": plan}
+    return {"available": True, "version": trt.__version__, "api_family": family, "extra": extra,
+            "export_plan": f"{plan}; {fits}"}
 
 
 def diagnose() -> dict[str, Any]:

@@ -143,7 +143,7 @@ def test_doctor_shows_the_install_extra_in_brackets() -> None:
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     if "TensorRT is not" in out or "not available" in out:
-        assert "fgh[trt]" in out
+        assert "fgh[trt-cu1" in out
 
 
 def test_eval_with_a_bogus_device_is_one_line(hostile_index) -> None:

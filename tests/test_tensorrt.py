@@ -235,7 +235,7 @@ def test_foreign_engine_is_refused_before_deserialising(tmp_path: Path) -> None:
         # No TensorRT here: the header was read and accepted, then the clear install hint.
         assert type(info.value) is BackendUnavailableError and info.value.exit_code == 3
         assert INSTALL_HINT in message
-        assert "pip install 'fgh[trt]'" in message and "--system-site-packages" in message
+        assert "pip install 'fgh[trt-cu1" in message and "--system-site-packages" in message
     elif not torch.cuda.is_available():
         assert type(info.value) is BackendUnavailableError
         assert message.startswith("no usable CUDA GPU for TensorRT")
@@ -260,7 +260,7 @@ def test_tensorrt_is_not_imported_at_cli_import_time() -> None:
 def _real_tensorrt_skip_reason() -> str | None:
     error = _tensorrt_import_error()
     if error is not None:
-        return f"TensorRT is not importable here ({' '.join(error.split())[:120]}); install fgh[trt] on a GPU machine"
+        return f"TensorRT is not importable here ({' '.join(error.split())[:120]}); install fgh[trt-cu12] or fgh[trt-cu13] on a GPU machine"
     if not torch.cuda.is_available():
         return "TensorRT is installed but there is no CUDA GPU (torch.cuda.is_available() is False)"
     return None
@@ -423,3 +423,10 @@ def test_dla_with_a_dynamic_batch_is_one_line_before_tensorrt_is_needed(tmp_path
         "fgh: error: DLA needs a static batch (min = opt = max), got 1/16/64; pass e.g. --batch 16,16,16 "
         "(shorter batches are padded)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # nothing exported
+
+
+def test_the_tensorrt_extra_follows_torchs_cuda() -> None:
+    from fgh_deploy.engines.trt_format import tensorrt_extra
+
+    assert tensorrt_extra("12.8") == "trt-cu12" and tensorrt_extra("13.0") == "trt-cu13"
+    assert tensorrt_extra(None) is None and tensorrt_extra("11.8") is None
