@@ -562,6 +562,10 @@ def main(argv: list[str] | None = None) -> None:
     except FghError as exc:
         err.print(f"fgh: error: {terminal_safe(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the file system said no (full disk, permissions, a vanished file): one line
+        where = f"{display_path(exc.filename)}: " if exc.filename else ""
+        err.print(f"fgh: error: {where}{terminal_safe(exc.strerror or str(exc))}", soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         err.print("fgh: interrupted")
         sys.exit(130)

@@ -92,10 +92,26 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = _os_error_in_chain(exc)
+        if cause is None:
+            raise
+        # torch.save reports a full disk as "unexpected pos …" with the OSError only as context.
+        raise FghError(f"cannot write {display_path(path)}: {cause.strerror or cause}") from exc
     fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _os_error_in_chain(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` is, or was raised while handling (a full disk, a file-size limit)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def check_int(value: Any, name: str, *, minimum: int, error: type[Exception] = FghError) -> int:

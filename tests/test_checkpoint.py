@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,31 @@ def test_a_failed_save_keeps_the_previous_file(model: fgh.HashModel, saved: Path
     before = saved.read_bytes()
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         fgh.save_checkpoint(model, saved, extra={"bad": lambda: 0})
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == ["m.pt"]
+
+
+# The file-size limit makes write() fail with EFBIG, as a full disk fails it with ENOSPC: torch.save
+# then raises "unexpected pos …" with the OSError only as the context of its own error.
+_SAVE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, sys, torch
+import fgh_deploy as fgh
+model = fgh.load_model(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    fgh.save_checkpoint(model, sys.argv[1])
+except fgh.FghError as exc:
+    print(exc)
+"""
+
+
+def test_a_save_that_the_file_system_refuses_is_one_line_and_keeps_the_previous_file(saved: Path) -> None:
+    before = saved.read_bytes()
+    assert len(before) > 1 << 20
+    run = subprocess.run([sys.executable, "-c", _SAVE_UNDER_A_FILE_SIZE_LIMIT, str(saved)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"cannot write {saved}: File too large"
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == ["m.pt"]
 

@@ -149,3 +149,15 @@ def test_doctor_shows_the_install_extra_in_brackets() -> None:
 def test_eval_with_a_bogus_device_is_one_line(hostile_index) -> None:
     _, checkpoint, _ = hostile_index
     assert_one_line_error(run_cli("eval", checkpoint, "--device", "bogus"), "--device", "bogus")
+
+
+@pytest.mark.parametrize("verb", ["encode", "query", "export"])
+def test_what_the_file_system_refuses_is_one_line_naming_the_path(verb: str, hostile_index, tmp_path: Path) -> None:
+    """An OSError (here a name longer than the file system allows) is a line, not a traceback."""
+    folder, checkpoint, _ = hostile_index
+    too_long = tmp_path / ("n" * 300)
+    args = {"encode": ["encode", folder, "--engine", checkpoint, "--out", too_long, "--workers", "0"],
+            "query": ["query", folder / MARKUP_NAMES[0], "--index", too_long],
+            "export": ["export", checkpoint, "--out-dir", too_long]}[verb]
+    assert_one_line_error(run_cli(*args), f"{too_long}: File name too long")
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,10 @@ Every refusal is one line on stderr, a non-zero exit, and nothing written.
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +144,25 @@ def test_out_that_is_a_file_is_refused_and_left_alone(class_tree: Path, tmp_path
     assert f"is under {model_file}, which is a file" in line
     assert model_file.read_bytes() == b"weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_checkpoint_the_file_system_refuses_is_one_line_naming_the_file(class_tree: Path, tmp_path: Path) -> None:
+    """A full disk, as a file-size limit shows it (EFBIG where a full disk gives ENOSPC, same code path)."""
+    run = tmp_path / "run"
+
+    def limit_file_size() -> None:  # in the child only; Python ignores SIGXFSZ, so write() fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    result = subprocess.run([sys.executable, "-m", "fgh_deploy.cli", "train", "--data", str(class_tree),
+                             "--out", str(run), *TINY], capture_output=True, text=True, timeout=600,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"fgh: error: cannot write {run}/"), result.stderr
+    assert last_line.endswith(".pt: File too large"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert json.loads((run / CONFIG).read_text())["bits"] == 8  # what was written before is whole
 
 
 def test_train_without_data_model_or_bits_names_what_is_missing(tmp_path: Path,
