@@ -18,12 +18,14 @@ ENGINE_SUFFIXES = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnxruntime", 
                    ".plan": "tensorrt"}
 
 
-def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
+def load_engine(path: str | os.PathLike, *, device: str = "auto", allow_other_gpu: bool = False) -> Engine:
     """Open an engine by its file type.
 
     Args:
         path: a ``.pt`` checkpoint, or an ``.onnx`` / ``.engine`` file from ``fgh export``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        allow_other_gpu: run a TensorRT engine built on another GPU model of the same
+            architecture (see :class:`~engines.trt_engine.TensorRTEngine`); other files ignore it.
 
     Raises:
         FghError: missing file or unknown file type.
@@ -43,7 +45,7 @@ def load_engine(path: str | os.PathLike, *, device: str = "auto") -> Engine:
     if kind == "tensorrt":
         from .trt_engine import TensorRTEngine
 
-        return TensorRTEngine(path, device=device)
+        return TensorRTEngine(path, device=device, allow_other_gpu=allow_other_gpu)
     raise FghError(f"{path}: unknown engine type {path.suffix!r}; expected one of {', '.join(ENGINE_SUFFIXES)}")
 
 

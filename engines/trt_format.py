@@ -4,9 +4,11 @@ The builder (:mod:`fgh_deploy.export.tensorrt`) writes this format and the runti
 (:mod:`.trt_engine`) reads it, so both use this module. Reading and checking a file is pure
 Python; TensorRT is imported lazily (:func:`import_tensorrt`), never when the CLI starts.
 
-A plan runs only with the exact TensorRT version that built it, on the same GPU architecture.
-Every engine file therefore starts with a JSON header that records how and where it was built;
-loaders call :func:`check_engine_compatible` on it before deserialising anything.
+A plan runs only with the exact TensorRT version that built it, and is tuned for the GPU model
+it was built on: not only its architecture (an AGX Orin and an Orin NX are both sm87) but its
+multiprocessor count and memory (a MIG slice has the compute capability of the whole GPU). Every
+engine file therefore starts with a JSON header that records how and where it was built; loaders
+call :func:`check_engine_compatible` on it before deserialising anything.
 
 File layout::
 
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -53,10 +56,15 @@ PRECISIONS = ("fp16", "fp32")
 
 #: Every engine header carries these fields.
 HEADER_KEYS = (
-    "fgh_version", "tensorrt_version", "api_family", "gpu_name", "compute_capability", "precision",
-    "dla_core", "profile", "input", "output", "input_shape", "onnx_sha256", "bits", "preprocess",
-    "model", "fingerprint", "checkpoint", "rebuild", DIGEST_KEY,
+    "fgh_version", "tensorrt_version", "api_family", "gpu_name", "compute_capability", "gpu_multiprocessors",
+    "gpu_memory_bytes", "precision", "dla_core", "profile", "input", "output", "input_shape", "onnx_sha256", "bits",
+    "preprocess", "model", "fingerprint", "checkpoint", "rebuild", DIGEST_KEY,
 )
+#: Fields that engines written by an earlier fgh lack: such a file is old, not damaged.
+_LATER_KEYS = frozenset({"gpu_multiprocessors", "gpu_memory_bytes", DIGEST_KEY})
+#: Two boards of one model report total memory a few MB apart (driver and carve-out reservations);
+#: other models and MIG slices differ by far more (AGX Orin 32 vs 64 GB, a 1g.10gb slice of 80 GB).
+GPU_MEMORY_TOLERANCE = 0.10
 
 def tensorrt_extra(torch_cuda: str | None = torch.version.cuda) -> str | None:
     """The fgh extra whose TensorRT matches torch's CUDA (``trt-cu12``, ``trt-cu13``); None without CUDA."""
@@ -233,8 +241,8 @@ def read_engine_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     except FghError as exc:
         raise FghError(f"{shown}: damaged engine header ({exc}); {rebuild_hint}") from None
     missing = [key for key in HEADER_KEYS if key not in header]
-    if missing == [DIGEST_KEY]:
-        raise FghError(f"{shown}: built by an older fgh, without a plan digest; {rebuild_hint}")
+    if missing and set(missing) <= _LATER_KEYS:
+        raise FghError(f"{shown}: built by an older fgh (its header lacks {', '.join(missing)}); {rebuild_hint}")
     if missing:
         raise FghError(f"{shown}: damaged engine header (missing {', '.join(missing)}); {rebuild_hint}")
     try:
@@ -254,6 +262,9 @@ def _check_header(header: dict[str, Any]) -> None:
                 "rebuild", "onnx_sha256", DIGEST_KEY):
         if not isinstance(header[key], str) or not header[key]:
             raise FghError(f"bad {key}: expected a non-empty string")
+    for key in ("gpu_multiprocessors", "gpu_memory_bytes"):
+        if type(header[key]) is not int or header[key] < 1:
+            raise FghError(f"bad {key}: expected a positive integer")
     if header["precision"] not in PRECISIONS:
         raise FghError(f"bad precision: expected one of {', '.join(PRECISIONS)}")
     if header["api_family"] not in (10, 11):
@@ -298,39 +309,68 @@ def read_verified_plan(path: str | os.PathLike, header: dict[str, Any], offset: 
     return plan
 
 
+@dataclass(frozen=True)
+class GpuInfo:
+    """What an engine is tuned for: the GPU's name, architecture, multiprocessors and memory."""
+
+    name: str
+    compute_capability: str  # "major.minor", e.g. "8.7"
+    multiprocessors: int
+    memory_bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.name} (sm {self.compute_capability}, {self.multiprocessors} SMs, "
+                f"{self.memory_bytes / 2**30:.1f} GiB)")
+
+
+def cuda_device_info(device: Any = None) -> GpuInfo:
+    """The :class:`GpuInfo` of a CUDA device (default: the current one)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return GpuInfo(props.name, f"{props.major}.{props.minor}", int(props.multi_processor_count),
+                   int(props.total_memory))
+
+
 def check_engine_compatible(header: dict[str, Any], *, path: str | os.PathLike, tensorrt_version: str,
-                            compute_capability: str, gpu_name: str) -> None:
-    """Refuse an engine built with another TensorRT version or for another GPU architecture.
+                            gpu: GpuInfo, allow_other_gpu: bool = False) -> None:
+    """Refuse an engine built with another TensorRT version or for another GPU.
 
     Plans are tied to the exact TensorRT version (the full version string) and to the compute
     capability they were built for; deserialising a mismatched plan fails deep inside TensorRT
-    ("Version tag does not match") or, worse, misbehaves. Call this before deserialising.
+    ("Version tag does not match") or, worse, misbehaves. Within one compute capability a plan is
+    still tuned for its GPU model: its tactics were timed on that many multiprocessors and sized
+    for that much memory, and NVIDIA does not promise it runs elsewhere (an AGX Orin engine can fail
+    on an Orin NX; a MIG slice has the whole GPU's compute capability and a fraction of its SMs and
+    memory). Call this before deserialising.
 
     Args:
         header: from :func:`read_engine_header`.
         path: the engine file, for the message.
         tensorrt_version: the installed ``tensorrt.__version__``.
-        compute_capability: this GPU's, as ``"major.minor"`` (e.g. ``"9.0"``).
-        gpu_name: this GPU's name, for the message.
+        gpu: this GPU (:func:`cuda_device_info`).
+        allow_other_gpu: accept another multiprocessor count or memory size (same TensorRT and
+            compute capability) — for users who know the plan fits, e.g. boards of one model that
+            report memory differently.
 
     Raises:
         IncompatibleEngineError: with the exact command that rebuilds the engine here.
     """
     built_version = str(header["tensorrt_version"])
     built_cc = str(header["compute_capability"])
-    if built_version == tensorrt_version and built_cc == compute_capability:
+    built_on = terminal_safe(str(header["gpu_name"]))
+    rebuild = f"rebuild it with: {terminal_safe(header['rebuild'])}"
+    if built_version != tensorrt_version or built_cc != gpu.compute_capability:
+        raise IncompatibleEngineError(
+            f"{display_path(path)}: built with TensorRT {terminal_safe(built_version)} for {built_on} "
+            f"(sm {terminal_safe(built_cc)}); this machine has TensorRT {tensorrt_version} and {gpu.name} "
+            f"(sm {gpu.compute_capability}) — {rebuild}")
+    built_sms, built_memory = header["gpu_multiprocessors"], header["gpu_memory_bytes"]
+    same_memory = abs(gpu.memory_bytes - built_memory) <= GPU_MEMORY_TOLERANCE * built_memory
+    if allow_other_gpu or (gpu.multiprocessors == built_sms and same_memory):
         return
     raise IncompatibleEngineError(
-        f"{display_path(path)}: built with TensorRT {terminal_safe(built_version)} for "
-        f"{terminal_safe(str(header['gpu_name']))} (sm {terminal_safe(built_cc)}); "
-        f"this machine has TensorRT {tensorrt_version} and {gpu_name} (sm {compute_capability}) "
-        f"— rebuild it with: {terminal_safe(header['rebuild'])}")
-
-
-def cuda_device_info(device: Any = None) -> tuple[str, str]:
-    """(GPU name, compute capability ``"major.minor"``) of a CUDA device (default: the current one)."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return props.name, f"{props.major}.{props.minor}"
+        f"{display_path(path)}: built on {built_on} ({built_sms} SMs, {built_memory / 2**30:.1f} GiB); this is "
+        f"{gpu.name} ({gpu.multiprocessors} SMs, {gpu.memory_bytes / 2**30:.1f} GiB), another GPU model or a MIG "
+        f"slice — {rebuild} (or pass --allow-other-gpu to run it anyway)")
 
 
 def dtype_name(trt: ModuleType, dtype: Any) -> str:

@@ -203,8 +203,8 @@ def _trt_stage(ckpt: Checkpoint, checkpoint: Path, onnx_fp32: Path, onnx_for_eng
         raise BackendUnavailableError("TensorRT engines are built on the GPU they will run on, and CUDA is not "
                                       "available here; copy the checkpoint to the target and run fgh export there")
     family = api_family(trt)
-    gpu_name, compute_capability = cuda_device_info()
-    engine_path = out_stem.with_name(engine_file_name(out_stem.name, options.precision, compute_capability,
+    gpu = cuda_device_info()
+    engine_path = out_stem.with_name(engine_file_name(out_stem.name, options.precision, gpu.compute_capability,
                                                       trt.__version__))
     # 11.x is strongly typed: precision comes from the graph. 10.x takes the FP32 graph + FP16 flag.
     source_onnx = onnx_for_engine if (family >= 11 and options.precision == "fp16") else onnx_fp32
@@ -212,8 +212,8 @@ def _trt_stage(ckpt: Checkpoint, checkpoint: Path, onnx_fp32: Path, onnx_for_eng
     rebuild = f"fgh export {shlex.quote(str(checkpoint))} --trt {options.command_line()}"
     header = {**_onnx_metadata(ckpt, checkpoint, options.precision), "onnx_sha256": sha256_file(source_onnx),
               "rebuild": rebuild}
-    with stage("TensorRT", f"starting export with TensorRT {trt.__version__} (API family {family}) on {gpu_name} "
-                           f"(sm {compute_capability})...") as current:
+    with stage("TensorRT", f"starting export with TensorRT {trt.__version__} (API family {family}) on "
+                           f"{gpu.describe()}...") as current:
         current.saved = build_engine(source_onnx, engine_path, options, header=header,
                                      log=lambda line: log.info("%s", line))
     with TensorRTEngine(engine_path) as engine:

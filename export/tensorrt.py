@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from fgh_deploy.engines.onnx_format import INPUT_NAME, MAX_BATCH, OUTPUT_NAME
-from fgh_deploy.engines.trt_format import (PRECISIONS, api_family, cuda_device_info, dtype_name, get_logger,
-                                           import_tensorrt, write_engine)
+from fgh_deploy.engines.trt_format import (PRECISIONS, GpuInfo, api_family, cuda_device_info, dtype_name,
+                                           get_logger, import_tensorrt, write_engine)
 from fgh_deploy.errors import BackendUnavailableError, ConfigError, FghError
 from fgh_deploy.utils import atomic_write, display_path, sha256_file
 from fgh_deploy.version import __version__ as FGH_VERSION
@@ -52,8 +52,9 @@ class TrtBuildOptions:
         workspace_gib: TensorRT workspace memory pool limit.
         optimization_level: builder optimization level 0–5 (0: fastest build, ignores the timing
             cache; 3: TensorRT's default).
-        dla_core: build for this DLA core with GPU fallback (Jetson, TensorRT 10.x: JetPack has no
-            TensorRT 11); needs ``fp16`` and a static batch (DLA has no dynamic shapes).
+        dla_core: build for this DLA core with GPU fallback (Jetson: TensorRT 10.x on JetPack 6, or
+            11.4.1 on JetPack 7.2.2+; NVIDIA's other 11.x releases have no DLA); needs ``fp16`` and
+            a static batch (DLA has no dynamic shapes).
         timing_cache: file to load tactic timings from (when it exists) and save them to; valid only
             for the same GPU, CUDA and TensorRT version, so key its name like the engine's. None: no
             cache (``fgh export`` then keeps one next to the engine).
@@ -351,10 +352,9 @@ def _build_plan(trt: ModuleType, builder: Any, network: Any, config: Any, logger
     return plan
 
 
-def _engine_header(trt: ModuleType, family: int, gpu: tuple[str, str], network: Any, caller_fields: dict[str, Any],
+def _engine_header(trt: ModuleType, family: int, gpu: GpuInfo, network: Any, caller_fields: dict[str, Any],
                    options: TrtBuildOptions, onnx_path: Path) -> dict[str, Any]:
     """The caller's header fields plus what this build measured: TensorRT, GPU, profile, I/O, ONNX hash."""
-    gpu_name, compute_capability = gpu
     inp, out = network.get_input(0), network.get_output(0)
     min_b, opt_b, max_b = options.batch
     return {
@@ -362,8 +362,10 @@ def _engine_header(trt: ModuleType, family: int, gpu: tuple[str, str], network: 
         "fgh_version": FGH_VERSION,
         "tensorrt_version": trt.__version__,
         "api_family": family,
-        "gpu_name": gpu_name,
-        "compute_capability": compute_capability,
+        "gpu_name": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "gpu_multiprocessors": gpu.multiprocessors,
+        "gpu_memory_bytes": gpu.memory_bytes,
         "precision": options.precision,
         "dla_core": options.dla_core,
         "profile": {"min": min_b, "opt": opt_b, "max": max_b},
@@ -434,10 +436,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     # The parser holds the weights the network points to: keep it alive until the build is done.
     network, parser = _parse_onnx(trt, builder, logger, onnx_path)
     sample = _check_network_io(trt, network, header, onnx_path, log)
-    config = _create_config(trt, family, builder, network, options, gpu[0], onnx_path, log)
+    config = _create_config(trt, family, builder, network, options, gpu.name, onnx_path, log)
     _add_profile(builder, config, network.get_input(0).name, sample, options.batch)
     if options.dla_core is not None:
-        _use_dla(trt, builder, config, options.dla_core, gpu[0], log)
+        _use_dla(trt, builder, config, options.dla_core, gpu.name, log)
     timing_cache = Path(options.timing_cache) if options.timing_cache is not None else None
     if timing_cache is not None:
         _attach_timing_cache(config, timing_cache, log)

@@ -106,6 +106,9 @@ EngineOption = Annotated[Path, typer.Option(
     "--engine", "--model", "-m", help="Engine or checkpoint: .pt (PyTorch), .onnx (ONNX Runtime), .engine (TensorRT).",
     dir_okay=False)]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N] (PyTorch engines).")]
+AllowOtherGpuOption = Annotated[bool, typer.Option(
+    "--allow-other-gpu", help="Run a TensorRT engine built on another GPU model or MIG slice of the same "
+                              "architecture (by default it is refused: plans are tuned for one GPU model).")]
 SearchDeviceOption = Annotated[str, typer.Option(
     "--search-device", help="Where the Hamming search runs: cpu, or cuda[:N] (codes copied to the GPU).")]
 GpuDecodeOption = Annotated[bool | None, typer.Option(
@@ -134,6 +137,7 @@ def encode(
     follow_links: Annotated[bool, typer.Option(
         "--follow-links", help="Descend into symlinked folders (by default they are listed as skipped).")] = False,
     device: DeviceOption = "auto",
+    allow_other_gpu: AllowOtherGpuOption = False,
     gpu_decode: GpuDecodeOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -142,7 +146,7 @@ def encode(
 
     from .encode import SKIPPED_LOG, encode_folder
 
-    with load_engine(engine, device=device) as eng:
+    with load_engine(engine, device=device, allow_other_gpu=allow_other_gpu) as eng:
         summary = encode_folder(folder, eng, out, batch_size=batch_size, workers=workers, rebuild=rebuild,
                                 progress=None if not as_json else False, gpu_decode=gpu_decode,
                                 follow_links=follow_links)
@@ -182,6 +186,7 @@ def query(
     radius: Annotated[int | None, typer.Option("--radius", "-r", min=0, help="All hits within this distance (capped at --top-k).")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report with thumbnails.")] = None,
     device: DeviceOption = "auto",
+    allow_other_gpu: AllowOtherGpuOption = False,
     search_device: SearchDeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
@@ -191,7 +196,8 @@ def query(
     from .index import CodeIndex
     from .query import TIE_RULE, default_engine_path, search_images
 
-    with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device) as eng:
+    with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device,
+                                                  allow_other_gpu=allow_other_gpu) as eng:
         results = search_images(idx, eng, images, top_k=top_k, radius=radius, search_device=search_device)
         bits, total = idx.bits, len(idx)
         if html is not None:
@@ -397,7 +403,7 @@ def doctor(as_json: JsonOption = False) -> None:
                            f"cuDNN {t['cudnn'] or 'none'}, CUDA available: {t['cuda_available']})")
     for gpu in t["gpus"]:
         table.add_row(f"GPU {gpu['index']}", f"{gpu['name']}, compute capability {gpu['compute_capability']}, "
-                                              f"{gpu['memory_gib']} GiB")
+                                              f"{gpu['multiprocessors']} SMs, {gpu['memory_gib']} GiB")
     if not t["gpus"]:
         table.add_row("GPU", "none")
     table.add_row("onnxruntime", f"{o.get('version', o.get('error'))} "
@@ -454,6 +460,7 @@ def bench_engine_cmd(
     iterations: Annotated[int, typer.Option("--iterations", min=1)] = 20,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     device: DeviceOption = "auto",
+    allow_other_gpu: AllowOtherGpuOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Latency p50/p95/p99 and images/s per batch size."""
@@ -461,7 +468,7 @@ def bench_engine_cmd(
 
     from .bench import bench_engine
 
-    with load_engine(engine, device=device) as eng:
+    with load_engine(engine, device=device, allow_other_gpu=allow_other_gpu) as eng:
         report = bench_engine(eng, batch_sizes=parse_int_list(batch, "--batch"), warmup=warmup, iterations=iterations)
     if as_json:
         _print_json(report)
@@ -524,6 +531,7 @@ def bench_encode_cmd(
     workers: Annotated[int | None, typer.Option("--workers", min=0)] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N images.")] = None,
     device: DeviceOption = "auto",
+    allow_other_gpu: AllowOtherGpuOption = False,
     gpu_decode: GpuDecodeOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -532,7 +540,7 @@ def bench_encode_cmd(
 
     from .bench import bench_encode
 
-    with load_engine(engine, device=device) as eng:
+    with load_engine(engine, device=device, allow_other_gpu=allow_other_gpu) as eng:
         report = bench_encode(folder, eng, batch_size=batch_size, workers=workers, limit=limit,
                               gpu_decode=gpu_decode)
     if as_json:

@@ -18,12 +18,14 @@ def _torch_report() -> dict[str, Any]:
     """torch's version, the CUDA and cuDNN it was built with, and the GPUs it sees."""
     import torch
 
+    from fgh_deploy.engines.trt_format import cuda_device_info
+
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": props.name, "compute_capability": f"{props.major}.{props.minor}",
-                         "memory_gib": round(props.total_memory / 2**30, 1)})
+            gpu = cuda_device_info(i)  # what a TensorRT engine built here is tied to
+            gpus.append({"index": i, "name": gpu.name, "compute_capability": gpu.compute_capability,
+                         "multiprocessors": gpu.multiprocessors, "memory_gib": round(gpu.memory_bytes / 2**30, 1)})
     return {
         "version": torch.__version__,
         "cuda_build": torch.version.cuda,
@@ -106,8 +108,8 @@ def _trt_report(torch_report: dict[str, Any]) -> dict[str, Any]:
         plan = "fgh export --trt cannot build engines here: no CUDA GPU (engines are built on the GPU that runs them)"
     elif family >= 11:
         plan = (f"fgh export --trt builds a strongly typed engine with TensorRT {trt.__version__}: precision "
-                f"comes from the FP16 ONNX graph (FP32 islands kept); DLA (--dla-core) is a TensorRT 10.x path "
-                f"(JetPack), not available with 11.x")
+                f"comes from the FP16 ONNX graph (FP32 islands kept); DLA (--dla-core) needs TensorRT 10.x (JetPack 6) "
+                f"or 11.4.1 on JetPack 7.2.2+ (AGX Orin): NVIDIA's other 11.x releases have no DLA")
     else:
         plan = (f"fgh export --trt builds with TensorRT {trt.__version__} (API 10.x): FP32 ONNX + the FP16 builder "
                 f"flag, softmax/reduction layers pinned to FP32; --dla-core needs a static --batch N,N,N")

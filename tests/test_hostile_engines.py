@@ -209,7 +209,8 @@ def _trt_header(**overrides: Any) -> dict[str, Any]:
     preprocess = PreprocessConfig(input_size=64, resize_size=73)
     header = {
         "fgh_version": "0.1.0", "tensorrt_version": "10.3.0", "api_family": 10, "gpu_name": "NVIDIA Orin",
-        "compute_capability": "8.7", "precision": "fp16", "dla_core": None,
+        "compute_capability": "8.7", "gpu_multiprocessors": 16, "gpu_memory_bytes": 61 * 2**30,
+        "precision": "fp16", "dla_core": None,
         "profile": {"min": 1, "opt": 16, "max": 64}, "input": {"name": "images", "dtype": "uint8"},
         "output": {"name": "codes", "dtype": "float32"}, "input_shape": [3, 64, 64], "onnx_sha256": "0" * 64,
         "bits": 48, "preprocess": preprocess.to_dict(), "fingerprint": "f" * 64, "checkpoint": "m.pt",
@@ -267,7 +268,7 @@ def test_an_engine_without_a_digest_is_refused(tmp_path: Path) -> None:
     header, _ = read_engine_header(path)
     del header[DIGEST_KEY]
     _rewrite_header(path, header)
-    assert str(_engine_refusal(path)).endswith("built by an older fgh, without a plan digest; "
+    assert str(_engine_refusal(path)).endswith("built by an older fgh (its header lacks integrity_sha256); "
                                                "rebuild it with `fgh export CHECKPOINT --trt`")
 
 

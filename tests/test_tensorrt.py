@@ -24,12 +24,16 @@ from onnx import TensorProto, helper
 import fgh_deploy as fgh
 from fgh_deploy.engines.trt_engine import TensorRTEngine
 from fgh_deploy.export.onnx import export_onnx
-from fgh_deploy.engines.trt_format import (HEADER_KEYS, INSTALL_HINT, MAGIC, api_family_for, check_engine_compatible,
-                                           engine_digest, read_engine_header, read_verified_plan, write_engine)
+from fgh_deploy.engines.trt_format import (HEADER_KEYS, INSTALL_HINT, MAGIC, GpuInfo, api_family_for,
+                                           check_engine_compatible, engine_digest, read_engine_header,
+                                           read_verified_plan, write_engine)
 from fgh_deploy.export.tensorrt import build_engine, engine_file_name, onnx_float_precision
 from fgh_deploy.errors import BackendUnavailableError, FghError, IncompatibleEngineError
 
 REBUILD = "fgh export semicon48.pt --trt --precision fp16 --batch 1,16,64"
+GIB = 2**30
+#: The board _header() says the engine was built on (a Jetson AGX Orin 64GB: 16 SMs, ~61 GiB visible).
+AGX_ORIN = GpuInfo("NVIDIA Jetson AGX Orin", "8.7", 16, int(61.4 * GIB))
 
 
 def _header(**overrides: Any) -> dict[str, Any]:
@@ -40,6 +44,8 @@ def _header(**overrides: Any) -> dict[str, Any]:
         "api_family": 10,
         "gpu_name": "NVIDIA Orin",
         "compute_capability": "8.7",
+        "gpu_multiprocessors": 16,
+        "gpu_memory_bytes": int(61.4 * GIB),
         "precision": "fp16",
         "dla_core": None,
         "profile": {"min": 1, "opt": 16, "max": 64},
@@ -120,7 +126,7 @@ def test_missing_engine_file_is_named(tmp_path: Path) -> None:
 def test_other_tensorrt_version_is_refused_with_rebuild_command() -> None:
     with pytest.raises(IncompatibleEngineError) as info:
         check_engine_compatible(_header(), path="m.engine", tensorrt_version="11.1.0",
-                                compute_capability="9.0", gpu_name="NVIDIA H100")
+                                gpu=GpuInfo("NVIDIA H100", "9.0", 132, 80 * GIB))
     assert str(info.value) == (
         "m.engine: built with TensorRT 10.3.0 for NVIDIA Orin (sm 8.7); this machine has TensorRT 11.1.0 and "
         f"NVIDIA H100 (sm 9.0) — rebuild it with: {REBUILD}")
@@ -130,22 +136,56 @@ def test_other_tensorrt_version_is_refused_with_rebuild_command() -> None:
 def test_tensorrt_version_is_compared_exactly() -> None:
     # Plans are tied to the exact build: a patch or build-number difference is still refused.
     with pytest.raises(IncompatibleEngineError, match="this machine has TensorRT 10.3.0.30"):
-        check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0.30",
-                                compute_capability="8.7", gpu_name="NVIDIA Orin")
+        check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0.30", gpu=AGX_ORIN)
 
 
-def test_other_compute_capability_is_refused() -> None:
+def test_other_compute_capability_is_refused_even_when_other_gpus_are_allowed() -> None:
     with pytest.raises(IncompatibleEngineError) as info:
-        check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0",
-                                compute_capability="8.6", gpu_name="NVIDIA GeForce RTX 3090")
+        check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0", allow_other_gpu=True,
+                                gpu=GpuInfo("NVIDIA GeForce RTX 3090", "8.6", 82, 24 * GIB))
     assert "(sm 8.7)" in str(info.value) and "(sm 8.6)" in str(info.value)
     assert str(info.value).endswith(f"rebuild it with: {REBUILD}")
 
 
-def test_exact_match_is_accepted() -> None:
-    # Another GPU model of the same architecture runs the plan: only version and SM must match.
-    check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0",
-                            compute_capability="8.7", gpu_name="NVIDIA Jetson AGX Orin")
+def test_the_same_gpu_model_is_accepted() -> None:
+    check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0", gpu=AGX_ORIN)
+    # Another board of the model may report a little less memory (driver and carve-out reservations).
+    board = GpuInfo("NVIDIA Jetson AGX Orin", "8.7", 16, int(60.9 * GIB))
+    check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0", gpu=board)
+
+
+@pytest.mark.parametrize(("gpu", "shown"), [
+    # Same architecture (sm87), another module: fewer SMs, less memory.
+    (GpuInfo("NVIDIA Orin NX", "8.7", 8, int(15.3 * GIB)), "NVIDIA Orin NX (8 SMs, 15.3 GiB)"),
+    # The 32 GB AGX Orin: the same 14/16-SM family but half the memory.
+    (GpuInfo("NVIDIA Jetson AGX Orin", "8.7", 16, int(30.6 * GIB)), "(16 SMs, 30.6 GiB)"),
+])
+def test_another_gpu_model_of_the_same_architecture_is_refused_unless_allowed(gpu: GpuInfo, shown: str) -> None:
+    with pytest.raises(IncompatibleEngineError) as info:
+        check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0", gpu=gpu)
+    message = str(info.value)
+    assert message.startswith("m.engine: built on NVIDIA Orin (16 SMs, 61.4 GiB); this is ")
+    assert shown in message and f"rebuild it with: {REBUILD}" in message and "--allow-other-gpu" in message
+    check_engine_compatible(_header(), path="m.engine", tensorrt_version="10.3.0", gpu=gpu, allow_other_gpu=True)
+
+
+def test_a_mig_slice_is_another_gpu() -> None:
+    h100 = {"tensorrt_version": "11.4.0", "api_family": 11, "gpu_name": "NVIDIA H100 80GB HBM3",
+            "compute_capability": "9.0", "gpu_multiprocessors": 132, "gpu_memory_bytes": int(79.1 * GIB)}
+    mig_1g = GpuInfo("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "9.0", 16, int(9.5 * GIB))
+    with pytest.raises(IncompatibleEngineError, match="another GPU model or a MIG slice"):
+        check_engine_compatible(_header(**h100), path="m.engine", tensorrt_version="11.4.0", gpu=mig_1g)
+
+
+def test_an_engine_from_before_the_gpu_fields_is_old_not_damaged(tmp_path: Path) -> None:
+    old = {key: value for key, value in _header().items() if key not in ("gpu_multiprocessors", "gpu_memory_bytes")}
+    path = write_engine(tmp_path / "old.engine", old, b"PLAN")
+    with pytest.raises(FghError, match="built by an older fgh .its header lacks gpu_multiprocessors, "
+                                       "gpu_memory_bytes.; rebuild it with `fgh export CHECKPOINT --trt`"):
+        read_engine_header(path)
+    path = write_engine(tmp_path / "bad.engine", _header(gpu_multiprocessors=0), b"PLAN")
+    with pytest.raises(FghError, match="bad gpu_multiprocessors: expected a positive integer"):
+        read_engine_header(path)
 
 
 def test_engine_file_name() -> None:
@@ -344,9 +384,10 @@ def test_engine_header_records_the_build(built: SimpleNamespace) -> None:
     from fgh_deploy.engines.trt_format import cuda_device_info
 
     header, _ = read_engine_header(built.engines["fp16"])
-    gpu_name, cc = cuda_device_info()
+    gpu = cuda_device_info()
     assert header["tensorrt_version"] == built.trt.__version__
-    assert (header["gpu_name"], header["compute_capability"]) == (gpu_name, cc)
+    assert (header["gpu_name"], header["compute_capability"]) == (gpu.name, gpu.compute_capability)
+    assert (header["gpu_multiprocessors"], header["gpu_memory_bytes"]) == (gpu.multiprocessors, gpu.memory_bytes)
     assert header["precision"] == "fp16" and header["dla_core"] is None
     assert header["profile"] == dict(zip(("min", "opt", "max"), PROFILE))
     assert header["input"] == {"name": "images", "dtype": "uint8"}
@@ -364,6 +405,20 @@ def test_inputs_as_numpy_cpu_and_cuda_tensors_agree(built: SimpleNamespace) -> N
 
 
 @requires_tensorrt
+def test_images_still_being_written_on_the_callers_stream_are_waited_for(built: SimpleNamespace) -> None:
+    """The engine works on its own stream; a GPU batch the caller is still producing on another is waited for."""
+    with TensorRTEngine(built.engines["fp32"]) as engine:
+        want = engine.encode(built.images[:8])
+        producer = torch.cuda.Stream()
+        with torch.cuda.stream(producer):
+            on_gpu = torch.zeros((8, 3, 64, 64), dtype=torch.uint8, device="cuda")
+            torch.cuda._sleep(50_000_000)  # keep the producer busy, so the copy below lands late
+            on_gpu.copy_(built.images[:8].cuda(non_blocking=True))
+            got = engine.encode(on_gpu)
+    np.testing.assert_array_equal(got, want)
+
+
+@requires_tensorrt
 def test_batch_outside_profile_is_refused(built: SimpleNamespace) -> None:
     with TensorRTEngine(built.engines["fp32"]) as engine:
         with pytest.raises(FghError, match=r"outside the engine's optimization profile \(min 2, opt 4, max 8\)"):
@@ -373,10 +428,15 @@ def test_batch_outside_profile_is_refused(built: SimpleNamespace) -> None:
 @requires_tensorrt
 def test_cuda_graph_replay_equals_plain_launch(built: SimpleNamespace) -> None:
     images = built.images
+    gen = torch.Generator().manual_seed(2)
     with TensorRTEngine(built.engines["fp32"]) as plain, \
             TensorRTEngine(built.engines["fp32"], cuda_graph_batch=4) as graphed:
         for batch in (images[:4], images[4:8], images[:3], images[8:12]):  # capture, replay, plain, replay
             np.testing.assert_allclose(graphed.encode(batch), plain.encode(batch), rtol=0, atol=1e-6)
+        # Plain launches at other sizes between replays change the plain context's shape, never the graph's.
+        for size in (3, 4, 5, 4, 8, 4, 2, 4):
+            fresh = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, generator=gen)
+            np.testing.assert_allclose(graphed.encode(fresh), plain.encode(fresh), rtol=0, atol=1e-6)
     with pytest.raises(FghError, match="cuda_graph_batch 9 is outside"):
         TensorRTEngine(built.engines["fp32"], cuda_graph_batch=9)
 
@@ -393,10 +453,15 @@ def test_timing_cache_is_written_and_reused(built: SimpleNamespace) -> None:
 def test_foreign_engine_refused_on_a_real_gpu(built: SimpleNamespace, tmp_path: Path) -> None:
     header, offset = read_engine_header(built.engines["fp32"])
     plan = built.engines["fp32"].read_bytes()[offset:]
-    for field, value in (("tensorrt_version", "0.0.0"), ("compute_capability", "1.0")):
+    for field, value in (("tensorrt_version", "0.0.0"), ("compute_capability", "1.0"),
+                         ("gpu_multiprocessors", header["gpu_multiprocessors"] + 2)):
         foreign = write_engine(tmp_path / f"{field}.engine", {**header, field: value}, plan)
         with pytest.raises(IncompatibleEngineError, match="rebuild it with: fgh export"):
             TensorRTEngine(foreign)
+    # The override accepts a plan from another GPU of this architecture, and it runs.
+    other_sms = tmp_path / "gpu_multiprocessors.engine"
+    with TensorRTEngine(other_sms, allow_other_gpu=True) as engine:
+        assert engine.encode(built.images[:4]).shape == (4, 32)
 
 
 def test_the_rebuild_command_carries_every_build_option() -> None:
