@@ -121,6 +121,22 @@ def search_images(index: CodeIndex, engine: Engine, images: Sequence[str | os.Pa
     return results
 
 
+def results_json(index_name: str, index: CodeIndex, results: Sequence[QueryResult], *, top_k: int,
+                 radius: int | None) -> dict[str, Any]:
+    """The JSON document of ``fgh query --json`` (and of ``fgh serve``'s searches), schema version 1.
+
+    Args:
+        index_name: the index as the caller named it (printed as given).
+        index: the index searched; ``bits`` and ``ntotal`` are read from this handle, the snapshot
+            the hits come from.
+        results: the queries' hits, in query order.
+        top_k: the ``top_k`` asked for.
+        radius: the ``radius`` asked for, or ``None`` for k-NN.
+    """
+    return {"schema_version": 1, "index": index_name, "bits": index.bits, "ntotal": len(index), "top_k": top_k,
+            "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]}
+
+
 def default_engine_path(index: CodeIndex) -> Path:
     """The engine file recorded in the index (what produced its codes)."""
     recorded = index.engine.get("path")

@@ -36,7 +36,7 @@ from .query import TIE_RULE, Hit, QueryResult
 from .utils import atomic_write, display_path
 from .version import __version__
 
-__all__ = ["label_from_path", "query_label", "write_html_report"]
+__all__ = ["label_from_path", "query_label", "report_css", "thumbnail_jpeg", "write_html_report"]
 
 StrPath = Union[str, os.PathLike[str]]
 
@@ -130,14 +130,29 @@ class _Thumbnails:
     def _render(self, path: Path) -> str:
         """A ``data:`` URI of the thumbnail, or a placeholder ``<div>`` naming the decoding error."""
         try:
-            image = decode_image(path, min_size=self.size)
+            jpeg = thumbnail_jpeg(path, self.size)
         except ImageDecodeError as exc:
             # One missing or broken file must not cost the whole report.
             return f'<div class="missing" title="{_text(exc)}">unreadable<br>{_text(exc.reason)}</div>'
-        image.thumbnail((self.size, self.size), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
-        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def thumbnail_jpeg(path: Path, size: int) -> bytes:
+    """The image at ``path`` as a JPEG whose longest side is at most ``size`` pixels.
+
+    Raises:
+        ImageDecodeError: the file cannot be decoded (see :func:`fgh_deploy.images.decode_image`).
+    """
+    image = decode_image(path, min_size=size)
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def report_css(thumb_size: int) -> str:
+    """The report's style sheet for thumbnails of ``thumb_size`` pixels (``fgh serve``'s page shares it)."""
+    return _CSS % {"thumb": thumb_size}
 
 
 class _Labels:
@@ -334,7 +349,7 @@ def write_html_report(
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_text(title)}</title>",
-        f"<style>{_CSS % {'thumb': thumb_size}}</style></head><body>",
+        f"<style>{report_css(thumb_size)}</style></head><body>",
         f"<header><h1>{_text(title)}</h1><dl>{header}</dl></header>",
         '<section class="results"><h2>Queries</h2>'
         '<p class="note">Each row: the query (blue frame), then its hits in rank order with rank, '
