@@ -1,4 +1,4 @@
-"""Benchmarks behind ``fgh bench``: Hamming search (against FAISS), engine latency, encoding.
+"""Benchmarks behind ``fgh bench``: Hamming search (against FAISS), engine latency, encoding, ``fgh serve``.
 
 Every function returns a JSON-serialisable dict (``schema_version`` 1) and logs progress to
 stderr through :mod:`logging`; none prints. Timings are wall-clock medians or percentiles of
@@ -11,15 +11,21 @@ and the exactness flags are the same, the timings mean nothing.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -329,6 +335,246 @@ def bench_encode(
         "index_bytes": summary.index_bytes,
         "bytes_per_image": summary.index_bytes / summary.encoded if summary.encoded else None,
     }
+
+
+#: Bounds of ``bench_serve``: the seconds of one run and the concurrent clients.
+SERVE_SECONDS = (1.0, 600.0)
+SERVE_CLIENTS = (1, 256)
+# How long a started server may take to load the engine and the index (a cold torch import included).
+_SERVER_START_SECONDS = 300.0
+
+
+def bench_serve(
+    index: str | os.PathLike[str],
+    engine: str | os.PathLike[str] | None = None,
+    *,
+    clients: Sequence[int] = (1, 4, 16),
+    seconds: float = 10.0,
+    max_batch: int = 16,
+    max_wait_ms: float = 5.0,
+    top_k: int = 10,
+    queries: int = 32,
+    url: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """``fgh serve`` under load over loopback: N concurrent clients posting images for T seconds.
+
+    Each client is a thread with one keep-alive HTTP connection, posting the query images in
+    turn to ``/search`` and timing each answer. Unless ``url`` is given, the server is started
+    here (``fgh serve`` in a subprocess), once with dynamic batching (``max_batch``) and once
+    without (``--max-batch 1``), so both are measured in the same run on the same machine.
+
+    Args:
+        index: the index; its images (up to ``queries``, spread over its rows) are the queries.
+        engine: the engine for the started servers (default: the one the index records).
+        clients: concurrent client counts, each run for ``seconds``.
+        seconds: duration of each run (1 to 600).
+        max_batch: the batched server's ``--max-batch``.
+        max_wait_ms: the batched server's ``--max-wait-ms``.
+        top_k: ``k`` of every request.
+        queries: how many distinct images the clients post.
+        url: measure this running server as it is configured instead (one mode, "as configured").
+        token: bearer token for ``url``.
+
+    Returns:
+        ``{"schema_version", "benchmark": "serve", "index", "queries", "seconds", "machine",
+        "results"}``; each result holds ``mode``, ``max_batch``, ``clients``, ``requests``,
+        ``errors`` (failed or non-200 answers), ``error_examples``, ``seconds``,
+        ``requests_per_second`` (answered with 200), ``latency_ms`` (``p50``, ``p95``, ``p99``,
+        ``mean``; None without a success) and ``mean_batch_size`` (images per engine call during
+        the run, from the server's ``/metrics``).
+
+    Raises:
+        FghError: out-of-bounds ``seconds`` or ``clients``, an index without readable images, or a
+            server that does not start (with the end of its log).
+    """
+    from urllib.parse import urlsplit
+
+    from .index import CodeIndex
+
+    if not SERVE_SECONDS[0] <= seconds <= SERVE_SECONDS[1]:
+        raise FghError(f"seconds must be between {SERVE_SECONDS[0]:g} and {SERVE_SECONDS[1]:g}, got {seconds:g}")
+    if not clients or not all(SERVE_CLIENTS[0] <= c <= SERVE_CLIENTS[1] for c in clients):
+        raise FghError(f"clients must be between {SERVE_CLIENTS[0]} and {SERVE_CLIENTS[1]}, got {list(clients)}")
+    with CodeIndex.open(index, verify=False) as idx:
+        images = _query_images(idx, queries)
+    runs: list[tuple[str, int | None]] = [("batched", max_batch), ("unbatched", 1)]
+    results = []
+    for mode, batch in [("as configured", None)] if url else runs:
+        with contextlib.ExitStack() as stack:
+            if url is None:
+                base = stack.enter_context(_serve_process(index, engine, max_batch=batch, max_wait_ms=max_wait_ms))
+            else:
+                base = url.rstrip("/")
+            parts = urlsplit(base)
+            if parts.scheme != "http" or not parts.hostname:
+                raise FghError(f"--url must be an http:// address, got {base!r}")
+            target = _Target(parts.hostname, parts.port or 80, parts.path, token)
+            _load(target, images, clients=1, seconds=1.0, top_k=top_k)  # warm-up: first calls, allocators
+            for count in clients:
+                log.info("serve benchmark: %s, %d client(s), %g s", mode, count, seconds)
+                before = _batch_totals(target)
+                result = _load(target, images, clients=count, seconds=seconds, top_k=top_k)
+                after = _batch_totals(target)
+                batches = after[1] - before[1]
+                result["mean_batch_size"] = (after[0] - before[0]) / batches if batches else None
+                results.append({"mode": mode, "max_batch": batch, "clients": count, **result})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "serve",
+        "index": str(index),
+        "queries": len(images),
+        "seconds": seconds,
+        "top_k": top_k,
+        "max_wait_ms": max_wait_ms,
+        "machine": _machine(),
+        "results": results,
+    }
+
+
+class _Target(NamedTuple):
+    host: str
+    port: int
+    prefix: str
+    token: str | None
+
+    def request(self, conn: http.client.HTTPConnection, method: str, path: str,
+                body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn.request(method, self.prefix + path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+
+
+def _query_images(index: Any, count: int) -> list[tuple[str, bytes]]:
+    """(path, bytes) of up to ``count`` readable images spread over the index's rows."""
+    rows = sorted({int(r) for r in np.linspace(0, len(index) - 1, min(count, len(index)))}) if len(index) else []
+    images = []
+    for rel in index.paths(rows):
+        try:
+            images.append((rel, (Path(index.root) / rel).read_bytes()))
+        except OSError:
+            continue
+    if not images:
+        raise FghError(f"{index.path}: none of its images can be read from {index.root}")
+    return images
+
+
+def _load(target: _Target, images: Sequence[tuple[str, bytes]], *, clients: int, seconds: float,
+          top_k: int) -> dict[str, Any]:
+    """``clients`` threads posting ``images`` for ``seconds``; latencies of the 200 answers, errors counted."""
+    from urllib.parse import quote
+
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[list[str]] = [[] for _ in range(clients)]
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def client(slot: int) -> None:
+        conn = http.client.HTTPConnection(target.host, target.port, timeout=120)
+        turn = slot
+        while time.perf_counter() < deadline:
+            name, body = images[turn % len(images)]
+            turn += clients
+            sent = time.perf_counter()
+            try:
+                status, answer = target.request(conn, "POST", f"/search?k={top_k}&name={quote(name)}", body)
+            except (OSError, http.client.HTTPException) as exc:
+                errors[slot].append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+                conn = http.client.HTTPConnection(target.host, target.port, timeout=120)
+                continue
+            if status == 200:
+                latencies[slot].append(time.perf_counter() - sent)
+            else:
+                errors[slot].append(f"{status}: {answer[:200].decode('utf-8', 'replace')}")
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(slot,), daemon=True) for slot in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    ms = np.array([t for per_client in latencies for t in per_client]) * 1e3
+    failed = [e for per_client in errors for e in per_client]
+    pct = (lambda q: float(np.percentile(ms, q))) if len(ms) else (lambda q: None)
+    return {
+        "requests": len(ms) + len(failed),
+        "errors": len(failed),
+        "error_examples": sorted(set(failed))[:5],
+        "seconds": elapsed,
+        "requests_per_second": len(ms) / elapsed,
+        "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "mean": float(ms.mean()) if len(ms) else None},
+    }
+
+
+def _batch_totals(target: _Target) -> tuple[float, float]:
+    """(images, engine calls) so far, from the server's ``fgh_engine_batch_size`` histogram."""
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=30)
+    try:
+        status, text = target.request(conn, "GET", "/metrics")
+    finally:
+        conn.close()
+    if status != 200:
+        raise FghError(f"GET /metrics answered {status}: {text[:200].decode('utf-8', 'replace')}")
+    values = {}
+    for line in text.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("fgh_engine_batch_size_sum", "fgh_engine_batch_size_count"):
+            values[name] = float(value)
+    return values.get("fgh_engine_batch_size_sum", 0.0), values.get("fgh_engine_batch_size_count", 0.0)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serve_process(index: str | os.PathLike[str], engine: str | os.PathLike[str] | None, *, max_batch: int,
+                   max_wait_ms: float) -> Iterator[str]:
+    """``fgh serve`` on a free loopback port in a subprocess; yields its base URL once /readyz says ready."""
+    port = _free_port()
+    command = [sys.executable, "-m", "fgh_deploy.cli", "serve", "--index", str(Path(index).resolve()),
+               "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    if engine is not None:
+        command += ["--engine", str(Path(engine).resolve())]
+    with tempfile.TemporaryDirectory(prefix="fgh-bench-serve-") as tmp, open(Path(tmp) / "log", "w+b") as server_log:
+        # Started outside the checkout: `python -m` would put the current folder first on sys.path.
+        process = subprocess.Popen(command, cwd=tmp, stdout=server_log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            started = time.monotonic()
+            while not _ready(port):
+                if process.poll() is not None or time.monotonic() - started > _SERVER_START_SECONDS:
+                    server_log.seek(0)
+                    tail = server_log.read().decode("utf-8", "replace").strip().splitlines()[-3:]
+                    raise FghError(f"fgh serve did not start: {' | '.join(tail) or 'no output'}")
+                time.sleep(0.2)
+            log.info("serve benchmark: server ready at %s (max batch %d)", base, max_batch)
+            yield base
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _ready(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
 
 
 def _linked_subset(root: Path, names: Sequence[str], dest: Path) -> Path:

@@ -194,20 +194,20 @@ def query(
     from fgh_deploy.engines import load_engine
 
     from .index import CodeIndex
-    from .query import TIE_RULE, default_engine_path, search_images
+    from .query import default_engine_path, results_json, search_images
 
     with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device,
                                                   allow_other_gpu=allow_other_gpu) as eng:
         results = search_images(idx, eng, images, top_k=top_k, radius=radius, search_device=search_device)
         bits, total = idx.bits, len(idx)
+        payload = results_json(str(index), idx, results, top_k=top_k, radius=radius)
         if html is not None:
             from .report import write_html_report
 
             write_html_report(html, results, index=idx)
             err.print(f"Report: {display_path(html)}", soft_wrap=True)
     if as_json:
-        _print_json({"schema_version": 1, "index": str(index), "bits": bits, "ntotal": total, "top_k": top_k,
-                     "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]})
+        _print_json(payload)
         return
     for result in results:
         stdout.print(f"{display_path(result.query)}: {len(result.hits)} hits of {total} ({bits} bits)", soft_wrap=True)
@@ -385,6 +385,45 @@ def export_(
         raise BackendUnavailableError("; ".join(f"{stage} not built: {why}" for stage, why in result.skipped.items()))
 
 
+MaxBatchOption = Annotated[int, typer.Option("--max-batch", min=1, help="Most images per engine call (1: no batching).")]
+MaxWaitOption = Annotated[float, typer.Option(
+    "--max-wait-ms", min=0, help="How long the engine waits for more images once one arrived.")]
+
+
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory from fgh encode.")],
+    engine: Annotated[Path | None, typer.Option(
+        "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="FGH_SERVE_TOKEN", show_envvar=True,
+        help="Bearer token required by /search*, /images and /metrics.")] = None,
+    max_batch: MaxBatchOption = 16,
+    max_wait_ms: MaxWaitOption = 5.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0, help="Largest request body (413 above).")] = 32.0,
+    max_k: Annotated[int, typer.Option("--max-k", min=1, help="Largest k a request may ask for (422 above).")] = 1000,
+    timeout: Annotated[float, typer.Option("--timeout", min=0, help="Seconds to receive a body, and to answer.")] = 30.0,
+    decode_threads: Annotated[int | None, typer.Option("--decode-threads", min=1, help="Threads decoding uploads.")] = None,
+    reload_seconds: Annotated[float, typer.Option(
+        "--reload-seconds", min=0, help="How often the index is checked for new commits.")] = 1.0,
+    device: DeviceOption = "auto",
+    allow_other_gpu: AllowOtherGpuOption = False,
+    search_device: SearchDeviceOption = "cpu",
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log one line per request.")] = False,
+) -> None:
+    """Serve search by image over HTTP: warm engine, dynamic batching, live index, metrics, a search page."""
+    from .serve import ServeOptions, serve as run_server
+
+    options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, token=token,
+                           max_upload_bytes=max(1, int(max_upload_mb * 2**20)), max_k=max_k,
+                           request_timeout_s=timeout, reload_seconds=reload_seconds, decode_threads=decode_threads,
+                           search_device=search_device)
+    run_server(index, engine, host=host, port=port, device=device, allow_other_gpu=allow_other_gpu, options=options,
+               access_log=access_log)
+
+
 @app.command()
 def doctor(as_json: JsonOption = False) -> None:
     """Versions of torch, CUDA, cuDNN, ONNX Runtime, TensorRT; the GPU; what fgh export --trt would do."""
@@ -449,7 +488,8 @@ def demo(
         stdout.print(f"  {terminal_safe(command)}", soft_wrap=True)
 
 
-bench_app = typer.Typer(help="Benchmarks: engine latency, search vs FAISS, end-to-end encode.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: engine latency, search vs FAISS, end-to-end encode, the HTTP service.",
+                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -555,6 +595,46 @@ def bench_encode_cmd(
     stdout.print(f"  per image, summed over {max(report['workers'], 1)} decoding process(es): decode "
                  f"{per_image['decode'] / max(report['encoded'], 1) * 1e3:.1f} ms, resize+crop "
                  f"{per_image['preprocess'] / max(report['encoded'], 1) * 1e3:.1f} ms", soft_wrap=True)
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory; its first images are the queries.")],
+    engine: Annotated[Path | None, typer.Option(
+        "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
+    clients: Annotated[str, typer.Option("--clients", help="Concurrent clients, comma-separated.")] = "1,4,16",
+    seconds: Annotated[float, typer.Option("--seconds", min=1, max=600, help="Duration of each run.")] = 10.0,
+    max_batch: MaxBatchOption = 16,
+    max_wait_ms: MaxWaitOption = 5.0,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 10,
+    url: Annotated[str | None, typer.Option(
+        "--url", help="Load an already running server (as it is configured) instead of starting one.")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="FGH_SERVE_TOKEN", help="Bearer token for --url.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Load fgh serve over loopback: throughput, p50/p95/p99 latency, errors, mean batch; batched vs unbatched."""
+    from .bench import bench_serve
+
+    report = bench_serve(index, engine, clients=parse_int_list(clients, "--clients"), seconds=seconds,
+                         max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, url=url, token=token)
+    if as_json:
+        _print_json(report)
+        return
+    stdout.print(f"fgh bench serve: {report['queries']} query images from {display_path(index)}, "
+                 f"{report['seconds']:g} s per run, k={top_k}", soft_wrap=True)
+    table = Table()
+    for column in ("mode", "clients", "requests/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch"):
+        table.add_column(column, justify="right")
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        table.add_row(r["mode"], str(r["clients"]), f"{r['requests_per_second']:.1f}", _fmt_ms(lat["p50"]),
+                      _fmt_ms(lat["p95"]), _fmt_ms(lat["p99"]), str(r["errors"]),
+                      "-" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.2f}")
+    stdout.print(table)
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _fmt(value: Any) -> str:
