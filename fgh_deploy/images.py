@@ -637,6 +637,12 @@ class ImageBatchLoader:
     stop the iteration. A worker process that dies (killed by a signal, e.g. by the
     out-of-memory killer) ends it with a one-line :class:`FghError` naming its pid and signal.
 
+    Workers hand their batches over through shared memory (``/dev/shm``). Where it cannot hold the
+    batches in flight (a container's default is 64 MB), images are decoded in the calling process
+    with a warning; if it fills up during a run, a batch that never comes ends the iteration with a
+    one-line error after ``WORKER_BATCH_TIMEOUT_SECONDS`` instead of waiting forever (a worker that cannot
+    hand a batch over stays alive, so DataLoader itself would wait forever).
+
     With ``jpeg_device`` set, workers only read plain JPEG files (RGB or grayscale) and
     their EXIF orientation; the calling process decodes each batch of them in one call on
     that device (nvJPEG on CUDA), then resizes and crops there. Other files, and JPEGs the
@@ -685,6 +691,8 @@ class ImageBatchLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         _interpolation(cfg.interpolation)  # fail once here, not once per image in the workers
+        if num_workers > 0:
+            num_workers = shared_memory_workers(num_workers, batch_size * 3 * cfg.input_size ** 2)
         self.cfg = cfg
         self.jpeg_device = None if jpeg_device is None else torch.device(jpeg_device)
         self.device_decode_seconds = 0.0
@@ -701,6 +709,7 @@ class ImageBatchLoader:
             pin_memory=pin_memory and torch.cuda.is_available(),
             # DataLoader rejects a start method when there are no worker processes.
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+            timeout=WORKER_BATCH_TIMEOUT_SECONDS if num_workers > 0 else 0,
         )
 
     def __len__(self) -> int:
@@ -722,9 +731,12 @@ class ImageBatchLoader:
                     yield merged
         except Exception as exc:
             death = _worker_death(batches)
-            if death is None:
-                raise
-            raise death from exc
+            if death is not None:
+                raise death from exc
+            if isinstance(exc, RuntimeError) and "DataLoader timed out" in str(exc):
+                raise FghError(f"no batch from the image decoding workers in {WORKER_BATCH_TIMEOUT_SECONDS:.0f} s: is "
+                               f"{SHARED_MEMORY} full? ({_shared_memory_advice()})") from exc
+            raise
 
     def worker_death(self) -> FghError | None:
         """The one-line error for a decoding worker that died, ``None`` if none did.
@@ -787,5 +799,38 @@ def _worker_death(batches: Iterator[_Collated]) -> FghError | None:
 
 
 _WORKER_ADVICE = "try fewer --workers or a smaller --batch-size (--workers 0 decodes in this process)"
+#: Where torch's worker processes put the tensors they hand over (its "file_descriptor" strategy).
+SHARED_MEMORY = "/dev/shm"
+# DataLoader keeps 2 batches in flight per worker, plus the one the caller holds; each batch also
+# brings small tensors, and shared-memory files are rounded up to pages.
+_BATCHES_IN_FLIGHT_PER_WORKER = 2
+_SHARED_MEMORY_OVERHEAD_BYTES = 1 << 20
+#: DataLoader ``timeout`` for worker processes: far longer than any batch takes to decode, it only
+#: bounds the wait for a batch lost on its way from a worker (shared memory filled up mid-run).
+WORKER_BATCH_TIMEOUT_SECONDS = 600.0
+
+
+def _shared_memory_advice() -> str:
+    return "in a container, give it more: docker run --shm-size=1g; or --workers 0 decodes in this process"
+
+
+def shared_memory_workers(num_workers: int, batch_bytes: int) -> int:
+    """``num_workers``, or 0 with a warning when shared memory cannot hold their batches in flight.
+
+    For every DataLoader with worker processes: a worker that cannot put its batch into a full
+    ``/dev/shm`` prints a traceback and stays alive, and the DataLoader waits for that batch forever.
+    """
+    try:
+        fs = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return num_workers  # no /dev/shm (macOS): nothing to measure
+    free = fs.f_bavail * fs.f_frsize
+    needed = (_BATCHES_IN_FLIGHT_PER_WORKER * num_workers + 1) * batch_bytes + _SHARED_MEMORY_OVERHEAD_BYTES
+    if free >= needed:
+        return num_workers
+    logger.warning("%s has %.1f MB free, and %d decoding workers need about %.1f MB for their batches: decoding "
+                   "in this process instead (%s)", SHARED_MEMORY, free / 1e6, num_workers, needed / 1e6,
+                   _shared_memory_advice())
+    return 0
 # A worker that was just told to stop exits at once; this only bounds a stuck one.
 _WORKER_EXIT_SECONDS = 5.0

@@ -195,3 +195,38 @@ def test_query_images_are_encoded_in_batches(tmp_path: Path, monkeypatch: pytest
             search_images(index, engine, [*queries, folder / "text.png"], batch_size=4)
         assert "\n" not in str(info.value)
         index.close()
+
+
+def test_workers_decode_in_process_when_shared_memory_cannot_hold_their_batches(
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert images_module.shared_memory_workers(2, 1) == 2
+    with caplog.at_level("WARNING", logger="fgh_deploy.images"):
+        assert images_module.shared_memory_workers(2, 1 << 50) == 0
+    assert "decoding in this process instead" in caplog.text and "--shm-size" in caplog.text
+
+
+def _can_mount_a_private_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _can_mount_a_private_tmpfs(),
+                    reason="needs `unshare -m` and mount (root on Linux) to give one process a 64 KB /dev/shm")
+def test_encode_in_a_container_with_a_tiny_dev_shm_finishes_instead_of_hanging(tmp_path: Path) -> None:
+    """A full /dev/shm used to hang `fgh encode --workers 2` forever (a worker cannot hand its batch over)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    checkpoint = fgh.save_checkpoint(fgh.build_model("adsh", 8, backbone="resnet18", input_size=32), tmp_path / "m.pt")
+    index = tmp_path / "index"
+    command = (f"mount -t tmpfs -o size=64k tmpfs /dev/shm && exec {sys.executable} -m fgh_deploy.cli encode "
+               f"{folder} --engine {checkpoint} --out {index} --workers 2 --batch-size 4 --json")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "/dev/shm has 0.1 MB free" in result.stderr and "Traceback" not in result.stderr
+    with CodeIndex.open(index) as opened:
+        assert len(opened) == 6

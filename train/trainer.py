@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from fgh_deploy.checkpoint import load_checkpoint, save_checkpoint
 from fgh_deploy.errors import FghError
+from fgh_deploy.images import WORKER_BATCH_TIMEOUT_SECONDS, shared_memory_workers
 from fgh_deploy.models import HashModel, build_model
 from fgh_deploy.models._base import HASH, NEW, PRETRAINED
 from fgh_deploy.utils import atomic_write, display_path, resolve_device
@@ -141,9 +142,11 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
 def _loader(samples: list[Sample], data: HashingDataset, model: HashModel, config: TrainConfig, *,
             batches: list[list[int]], device: torch.device) -> DataLoader:
     dataset = LabeledImageDataset(samples, data.root, model.preprocess, train=True, crop_scale=config.crop_scale)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False,
-                      multiprocessing_context="fork" if config.workers and sys.platform == "linux" else None)
+    size = model.preprocess.input_size
+    workers = shared_memory_workers(config.workers, max(map(len, batches), default=1) * 3 * size * size * 4)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False, timeout=WORKER_BATCH_TIMEOUT_SECONDS if workers else 0,
+                      multiprocessing_context="fork" if workers and sys.platform == "linux" else None)
 
 
 def _chunks(order: list[int], batch_size: int) -> list[list[int]]:

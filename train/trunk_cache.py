@@ -25,6 +25,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fgh_deploy.images import WORKER_BATCH_TIMEOUT_SECONDS, shared_memory_workers
+
 from .data import LabeledImageDataset
 
 log = logging.getLogger(__name__)
@@ -131,8 +133,10 @@ def trunk_maps(model: torch.nn.Module, images: LabeledImageDataset, views: int =
         raise ValueError(f"engine must be auto, onnxruntime or torch, got {engine!r}")
     if not len(images) or views < 1:
         raise ValueError(f"{label}: no images ({len(images)} images, {views} views)")
+    size = images.cfg.input_size
+    workers = shared_memory_workers(workers, batch_size * 3 * size * size * 4)
     loader = DataLoader(_SeededViews(images, views, seed), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", timeout=WORKER_BATCH_TIMEOUT_SECONDS if workers else 0)
     was_training = model.trunk.training
     model.trunk.eval()
     use_onnxruntime = device.type == "cpu" and (
