@@ -165,7 +165,9 @@ class OnnxEngine(Engine):
             created = _make_cache_folder(trt_cache_folders(path, meta[DIGEST_KEY])[0])
             if created is not None:
                 digest, made = meta[DIGEST_KEY], created
-        ort.set_default_logger_severity(3)  # provider-load failures are reported below, once, clearly
+        # Provider-load failures are reported below, once, on one line; ONNX Runtime's own (coloured,
+        # multi-line) error log only with `fgh -v`.
+        ort.set_default_logger_severity(3 if log.isEnabledFor(logging.DEBUG) else 4)
         session = None
         try:
             session, failed = _open_session(ort, data, path, provider_options(

@@ -106,7 +106,9 @@ def _ort_parity(path: Path, label: str, reference: _Reference) -> ParityReport:
 
     from fgh_deploy.engines.onnx_engine import OnnxEngine
 
-    engine = OnnxEngine(path)
+    # The graph as written: ONNX Runtime's TensorRT provider would run an FP32 graph in FP16.
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available() else None
+    engine = OnnxEngine(path, providers=providers)
     codes = engine.encode(reference.images)
     return reference.compare(codes, label, f"onnxruntime {ort.__version__}, {engine.providers[0]}")
 
