@@ -4,10 +4,10 @@ A CLI call pays for Python, torch and the engine on every query (seconds); the s
 takes microseconds. The service loads them once and keeps them:
 
 * :class:`DynamicBatcher` — requests decode their images in worker threads, then hand the pixels
-  to one engine thread, which groups whatever arrived within ``max_wait_ms`` (up to
-  ``max_batch``) into one engine call, as Triton's dynamic batcher does. On CUDA the batch is
-  padded to ``max_batch`` rows, as ``fgh encode`` pads its batches: every new shape costs new
-  kernel plans.
+  to one engine thread, which groups what arrives within ``max_wait_ms`` (up to ``max_batch``)
+  into one engine call, as Triton's dynamic batcher does — but waits only while other requests
+  are still decoding. On CUDA the batch is padded to ``max_batch`` rows, as ``fgh encode`` pads
+  its batches: every new shape costs new kernel plans.
 * :class:`LiveIndex` — the index is reopened when a writer (``fgh encode`` appending, compacting
   or rebuilding) commits: its ``manifest.json`` is replaced atomically on every commit, so a
   changed manifest is the switch point. The new index is opened, CRC-verified and checked against
@@ -22,15 +22,15 @@ the rest of fgh works without the extra.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
 import os
-import queue
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +100,16 @@ class ServeOptions:
 class DynamicBatcher:
     """One thread owns the engine; images submitted from any thread are encoded in shared batches.
 
-    The engine thread takes the first waiting image, then everything that arrives within
-    ``max_wait_ms`` (up to ``max_batch`` images), and encodes them in one call. Images are
-    encoded in arrival order; a cancelled request's image is dropped before the call.
+    The engine thread takes the images waiting, and while more are on their way (requests inside
+    :meth:`incoming`, still decoding) it waits for them up to ``max_wait_ms``, up to ``max_batch``
+    images, then encodes them in one call. Unlike Triton's dynamic batcher it does not wait when
+    nothing else is coming, so a lone request pays no delay. Images are encoded in arrival order;
+    a cancelled request's image is dropped before the call.
 
     Args:
         engine: an opened engine (used only by the engine thread from :meth:`start` to :meth:`close`).
         max_batch: most images per call (1: every image alone).
-        max_wait_ms: how long to wait for more images once one arrived.
+        max_wait_ms: how long to wait for images on their way once one arrived.
         pad_to: pad each batch with black images to this many rows (CUDA: one shape, one plan).
         on_batch: called with (images, seconds) after each engine call, from the engine thread.
     """
@@ -119,9 +121,11 @@ class DynamicBatcher:
         self._max_wait = max_wait_ms / 1e3
         self._pad_to = pad_to
         self._on_batch = on_batch
-        self._queue: queue.Queue[tuple[torch.Tensor, Future[np.ndarray]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="fgh-engine", daemon=True)
+        self._changed = threading.Condition()
+        self._waiting: deque[tuple[torch.Tensor, Future[np.ndarray]]] = deque()
+        self._incoming = 0
         self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fgh-engine", daemon=True)
 
     def start(self) -> None:
         """Start the engine thread."""
@@ -132,45 +136,54 @@ class DynamicBatcher:
         """Whether the engine thread is running."""
         return self._thread.is_alive()
 
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce images to come: inside this block a request decodes, then :meth:`submit`\ s them."""
+        with self._changed:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._incoming -= 1
+                self._changed.notify()
+
     def submit(self, image: torch.Tensor) -> Future[np.ndarray]:
         """Queue one uint8 ``(3, S, S)`` image; the future holds its float code row.
 
         Raises:
             FghError: the batcher is closed.
         """
-        if self._closed:
-            raise FghError("the engine is shutting down")
         future: Future[np.ndarray] = Future()
-        self._queue.put((image, future))
+        with self._changed:
+            if self._closed:
+                raise FghError("the engine is shutting down")
+            self._waiting.append((image, future))
+            self._changed.notify()
         return future
 
     def close(self) -> None:
         """Encode what is queued, then stop the engine thread."""
-        self._closed = True
-        self._queue.put(None)
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
         if self._thread.is_alive():
             self._thread.join()
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, stop = [first], False
-            deadline = time.monotonic() + self._max_wait
-            while len(batch) < self._max_batch:
-                left = deadline - time.monotonic()
-                try:
-                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
+            with self._changed:
+                self._changed.wait_for(lambda: self._waiting or self._closed)
+                if not self._waiting:
+                    return  # closed, and everything queued was encoded
+                deadline = time.monotonic() + self._max_wait
+                while len(self._waiting) < self._max_batch and self._incoming and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self._max_batch))]
             self._encode([(image, future) for image, future in batch if future.set_running_or_notify_cancel()])
-            if stop:
-                return
 
     def _encode(self, batch: list[tuple[torch.Tensor, Future[np.ndarray]]]) -> None:
         if not batch:

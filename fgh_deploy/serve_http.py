@@ -229,9 +229,11 @@ def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu:
         current = service.index.current  # one snapshot for the whole request
         check_radius(radius, current)
         preprocess = service.engine.preprocess
-        pixels = await asyncio.gather(*(service.in_thread(_decode_upload, name, data, preprocess)
-                                        for name, data in uploads))
-        codes = await asyncio.gather(*(asyncio.wrap_future(service.batcher.submit(p)) for p in pixels))
+        with service.batcher.incoming():  # the engine thread waits for these while they decode
+            pixels = await asyncio.gather(*(service.in_thread(_decode_upload, name, data, preprocess)
+                                            for name, data in uploads))
+            futures = [service.batcher.submit(p) for p in pixels]
+        codes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         return await service.in_thread(search, current, [name for name, _ in uploads], np.stack(codes), k, radius)
 
     k_query = Query(10, ge=1, le=options.max_k, description="Neighbours per query (the cap with radius).")
