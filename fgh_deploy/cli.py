@@ -402,12 +402,12 @@ def serve(
         help="Bearer token required by /search*, /images and /metrics.")] = None,
     max_batch: MaxBatchOption = 16,
     max_wait_ms: MaxWaitOption = 5.0,
-    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0, help="Largest request body (413 above).")] = 32.0,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest request body (413 above).")] = 32.0,
     max_k: Annotated[int, typer.Option("--max-k", min=1, help="Largest k a request may ask for (422 above).")] = 1000,
-    timeout: Annotated[float, typer.Option("--timeout", min=0, help="Seconds to receive a body, and to answer.")] = 30.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds to receive a body, and to answer.")] = 30.0,
     decode_threads: Annotated[int | None, typer.Option("--decode-threads", min=1, help="Threads decoding uploads.")] = None,
     reload_seconds: Annotated[float, typer.Option(
-        "--reload-seconds", min=0, help="How often the index is checked for new commits.")] = 1.0,
+        "--reload-seconds", min=0.001, help="How often the index is checked for new commits.")] = 1.0,
     device: DeviceOption = "auto",
     allow_other_gpu: AllowOtherGpuOption = False,
     search_device: SearchDeviceOption = "cpu",
@@ -417,7 +417,7 @@ def serve(
     from .serve import ServeOptions, serve as run_server
 
     options = ServeOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, token=token,
-                           max_upload_bytes=max(1, int(max_upload_mb * 2**20)), max_k=max_k,
+                           max_upload_bytes=int(max_upload_mb * 2**20), max_k=max_k,
                            request_timeout_s=timeout, reload_seconds=reload_seconds, decode_threads=decode_threads,
                            search_device=search_device)
     run_server(index, engine, host=host, port=port, device=device, allow_other_gpu=allow_other_gpu, options=options,

@@ -319,8 +319,8 @@ def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu:
         gauges = [
             ("fgh_index_rows", "Rows of the index being served.", {}, len(live.current)),
             ("fgh_index_reloads_total", "Times a new commit of the index was loaded.", {}, live.reloads),
-            ("fgh_index_reload_failures_total", "Reloads that failed (the last good index kept serving).", {},
-             live.reload_failures),
+            ("fgh_index_reload_failures_total", "Failed reloads (the last good index kept serving); a failure "
+                                                "repeated at each poll counts once.", {}, live.reload_failures),
             ("fgh_index_stale", "1 while the last reload failed and an older index is serving.", {},
              int(live.reload_error is not None)),
             ("fgh_engine_info", "The engine serving queries.",
