@@ -623,14 +623,15 @@ def bench_serve_cmd(
     stdout.print(f"fgh bench serve: {report['queries']} query images from {display_path(index)}, "
                  f"{report['seconds']:g} s per run, k={top_k}", soft_wrap=True)
     table = Table()
-    for column in ("mode", "clients", "requests/s", "p50 ms", "p95 ms", "p99 ms", "errors", "mean batch"):
-        table.add_column(column, justify="right")
+    for column in ("mode", "clients", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "batch"):
+        table.add_column(column, justify="right", no_wrap=True)
     for r in report["results"]:
         lat = r["latency_ms"]
         table.add_row(r["mode"], str(r["clients"]), f"{r['requests_per_second']:.1f}", _fmt_ms(lat["p50"]),
                       _fmt_ms(lat["p95"]), _fmt_ms(lat["p99"]), str(r["errors"]),
                       "-" if r["mean_batch_size"] is None else f"{r['mean_batch_size']:.2f}")
     stdout.print(table)
+    stdout.print("  batch: mean images per engine call during the run", soft_wrap=True)
 
 
 def _fmt_ms(value: float | None) -> str:

@@ -340,6 +340,17 @@ def test_serve_without_the_extra_is_one_line(served) -> None:
     assert "pip install 'fgh[serve]'" in result.stderr
 
 
+def test_bench_serve_starts_batched_and_unbatched_servers(served) -> None:
+    result = subprocess.run([sys.executable, "-m", "fgh_deploy.cli", "bench", "serve", "--index", str(served["index"]),
+                             "--clients", "3", "--seconds", "1", "--json"], capture_output=True, check=True,
+                            cwd=served["tmp"])
+    report = json.loads(result.stdout)
+    assert [(r["mode"], r["max_batch"], r["clients"]) for r in report["results"]] == [("batched", 16, 3),
+                                                                                     ("unbatched", 1, 3)]
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
+    assert report["results"][1]["mean_batch_size"] == 1
+
+
 def test_bench_serve_against_a_running_server(served) -> None:
     server = served["server"]
     report = bench_serve(served["index"], url=f"http://127.0.0.1:{server.port}", clients=(2,), seconds=1)
