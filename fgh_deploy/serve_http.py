@@ -20,6 +20,7 @@ import asyncio
 import binascii
 import hmac
 import json
+import logging
 import mimetypes
 import os
 import stat
@@ -51,6 +52,8 @@ from .serve_page import page_html
 from .version import __version__
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 #: Thumbnail sizes ``GET /images/{row}?size=`` accepts, in pixels.
 THUMB_SIZES = (16, 1024)
@@ -99,7 +102,10 @@ class _Service:
         """Check the index for a new commit every ``reload_seconds`` (the reload runs in a thread)."""
         while True:
             await asyncio.sleep(self.options.reload_seconds)
-            await asyncio.to_thread(self.index.refresh)
+            try:
+                await asyncio.to_thread(self.index.refresh)
+            except Exception:  # a bug: logged with its traceback, and the last good index keeps serving
+                log.exception("%s: reloading the index failed", self.index_name)
 
 
 def _decode_upload(name: str, data: bytes, preprocess: Any) -> torch.Tensor:
