@@ -443,7 +443,12 @@ def serve(index: str | os.PathLike[str], engine: str | os.PathLike[str] | None =
     app = create_app(index, engine, device=device, allow_other_gpu=allow_other_gpu, options=options)
     import uvicorn
 
-    if not is_loopback(host) and app.state.service.options.token is None:
+    service = app.state.service
+    shown_host = f"[{host}]" if ":" in host else host
+    log.info("fgh serve: %s (%d rows, %d bits) with %s on %s, batches of up to %d; search page at http://%s:%d/",
+             display_path(index), len(service.index.current), service.engine.bits, service.engine.shown_path,
+             engine_provider(service.engine), service.options.max_batch, shown_host, port)
+    if not is_loopback(host) and service.options.token is None:
         log.warning("WARNING: listening on %s without a token: anyone who can reach it can search the index and "
                     "read its images (set --token or %s)", host, TOKEN_ENV)
     # log_config=None: uvicorn's lines go through fgh's handler on stderr, not its own setup.
