@@ -119,6 +119,8 @@ _INT64 = np.dtype("<i8")
 _CRC_CHUNK = 1 << 24
 # Rows per step when compacting: bounds the temporaries to tens of MB for any index size.
 _COMPACT_ROWS = 1 << 20
+#: The order of hits at equal distance: rows in the order they were appended (path order after a fresh encode).
+TIE_RULE = "distance, then database order"
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,13 @@ class CodeIndex:
 
     Only one writer at a time (an exclusive ``flock`` on ``lock``); any number of readers,
     which never take the lock and see the last commit made before they opened.
+
+    Implements :class:`~fgh_deploy.index_uri.SearchIndex`, like the Milvus backend.
     """
+
+    tie_rule = TIE_RULE
+    #: Search here is always exact.
+    approximate: str | None = None
 
     def __init__(
         self,
@@ -377,6 +385,11 @@ class CodeIndex:
         return self._path
 
     @property
+    def label(self) -> str:
+        """How messages name this index: its folder."""
+        return display_path(self._path)
+
+    @property
     def writable(self) -> bool:
         """Whether this handle holds the writer lock."""
         return self._lock is not None
@@ -510,7 +523,7 @@ class CodeIndex:
                 empty path, or the index is read-only. Nothing is written then.
         """
         self._require_writable("append to")
-        codes = _check_codes(codes_packed, self.bits, self.code_size)
+        codes = check_codes(codes_packed, self.bits, self.code_size)
         n = len(codes)
         if isinstance(rel_paths, (str, bytes)):
             raise FghError("rel_paths must be a sequence of paths, not one string")
@@ -952,7 +965,8 @@ def _as_dict(value: Any, name: str) -> dict[str, Any]:
     return copy.deepcopy(value)
 
 
-def _check_codes(codes_packed: Any, bits: int, code_size: int) -> np.ndarray:
+def check_codes(codes_packed: Any, bits: int, code_size: int) -> np.ndarray:
+    """``codes_packed`` as a uint8 ``(n, code_size)`` array of ``bits``-bit packed codes, or a one-line FghError."""
     codes = np.asarray(codes_packed)
     if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != code_size:
         raise FghError(

@@ -22,13 +22,13 @@ from .bits import pack_codes
 from .config import PreprocessConfig
 from .errors import FghError
 from .images import load_image
-from .index import CodeIndex
+from .index import TIE_RULE  # noqa: F401 (report.py and serve_page.py read it here)
+from .index_uri import SearchIndex
 from .utils import check_int, display_path
 
 if TYPE_CHECKING:
     from fgh_deploy.engines.base import Engine
 
-TIE_RULE = "distance, then database order"
 
 
 @dataclass
@@ -49,7 +49,7 @@ class QueryResult:
         return {"query": self.query, "results": [vars(h) for h in self.hits]}
 
 
-def _hits(index: CodeIndex, distances: np.ndarray, rows: np.ndarray) -> list[Hit]:
+def _hits(index: SearchIndex, distances: np.ndarray, rows: np.ndarray) -> list[Hit]:
     valid = rows >= 0
     distances, rows = distances[valid], rows[valid]
     paths = index.paths(rows.tolist())
@@ -58,12 +58,12 @@ def _hits(index: CodeIndex, distances: np.ndarray, rows: np.ndarray) -> list[Hit
             for rank, (d, r, p, g) in enumerate(zip(distances, rows, paths, groups))]
 
 
-def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
+def search_codes(index: SearchIndex, codes: np.ndarray, *, top_k: int = 10,
                  radius: int | None = None, device: str = "cpu") -> list[list[Hit]]:
     """Search the index with float codes (signed with u ≥ 0 → 1) or packed uint8 codes.
 
     Args:
-        index: an opened :class:`CodeIndex`.
+        index: an opened :class:`SearchIndex`.
         codes: (nq, bits) float codes or (nq, code_size) packed uint8 codes.
         top_k: neighbours per query; with ``radius``, the cap on hits per query (None: no cap
             is not allowed for k-NN).
@@ -85,11 +85,11 @@ def search_codes(index: CodeIndex, codes: np.ndarray, *, top_k: int = 10,
             for i in range(len(packed))]
 
 
-def check_engine_matches(index: CodeIndex, engine: Engine) -> None:
+def check_engine_matches(index: SearchIndex, engine: Engine) -> None:
     """Refuse to search an index with codes from another model or preprocessing."""
     index.check_compatible(engine.bits, engine.fingerprint, hint="query with the engine that built it (the default without --engine)")
     if PreprocessConfig.from_dict(index.preprocess) != engine.preprocess:
-        raise FghError(f"{display_path(index.path)}: built with preprocessing {index.preprocess}, "
+        raise FghError(f"{index.label}: built with preprocessing {index.preprocess}, "
                        f"but {display_path(engine.path.name)} uses {engine.preprocess.to_dict()}")
 
 
@@ -98,7 +98,7 @@ def check_engine_matches(index: CodeIndex, engine: Engine) -> None:
 QUERY_BATCH_SIZE = 32
 
 
-def search_images(index: CodeIndex, engine: Engine, images: Sequence[str | os.PathLike], *,
+def search_images(index: SearchIndex, engine: Engine, images: Sequence[str | os.PathLike], *,
                   top_k: int = 10, radius: int | None = None, search_device: str = "cpu",
                   batch_size: int = QUERY_BATCH_SIZE) -> list[QueryResult]:
     """Encode query images with ``engine`` and search ``index`` on ``search_device`` (see :func:`search_codes`).
@@ -121,7 +121,7 @@ def search_images(index: CodeIndex, engine: Engine, images: Sequence[str | os.Pa
     return results
 
 
-def results_json(index_name: str, index: CodeIndex, results: Sequence[QueryResult], *, top_k: int,
+def results_json(index_name: str, index: SearchIndex, results: Sequence[QueryResult], *, top_k: int,
                  radius: int | None) -> dict[str, Any]:
     """The JSON document of ``fgh query --json`` (and of ``fgh serve``'s searches), schema version 1.
 
@@ -133,16 +133,19 @@ def results_json(index_name: str, index: CodeIndex, results: Sequence[QueryResul
         top_k: the ``top_k`` asked for.
         radius: the ``radius`` asked for, or ``None`` for k-NN.
     """
-    return {"schema_version": 1, "index": index_name, "bits": index.bits, "ntotal": len(index), "top_k": top_k,
-            "radius": radius, "tie_rule": TIE_RULE, "queries": [r.to_dict() for r in results]}
+    payload = {"schema_version": 1, "index": index_name, "bits": index.bits, "ntotal": len(index), "top_k": top_k,
+               "radius": radius, "tie_rule": index.tie_rule, "queries": [r.to_dict() for r in results]}
+    if index.approximate:
+        payload["approximate"] = index.approximate  # only approximate searches carry the key
+    return payload
 
 
-def default_engine_path(index: CodeIndex) -> Path:
+def default_engine_path(index: SearchIndex) -> Path:
     """The engine file recorded in the index (what produced its codes)."""
     recorded = index.engine.get("path")
     if not recorded:
-        raise FghError(f"{display_path(index.path)}: records no engine; pass --engine")
+        raise FghError(f"{index.label}: records no engine; pass --engine")
     path = Path(recorded)
     if not path.is_file():
-        raise FghError(f"{display_path(index.path)}: its engine {display_path(path)} is gone; pass --engine")
+        raise FghError(f"{index.label}: its engine {display_path(path)} is gone; pass --engine")
     return path
