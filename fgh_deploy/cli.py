@@ -36,6 +36,8 @@ stdout = Console(highlight=False, markup=False)
 err = Console(stderr=True, highlight=False, markup=False)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+IndexOption = Annotated[str, typer.Option("--index", "-i", help="Index from fgh encode: a folder, "
+                                          "milvus://HOST[:PORT]/COLLECTION, milvus+https://… or FILE.db#COLLECTION.")]
 BitsOption = Annotated[int, typer.Option("--bits", "-b", min=1, help="Code length in bits.")]
 InputSizeOption = Annotated[int, typer.Option("--input-size", min=32, help="Square input size in pixels.")]
 
@@ -111,6 +113,25 @@ AllowOtherGpuOption = Annotated[bool, typer.Option(
                               "architecture (by default it is refused: plans are tuned for one GPU model).")]
 SearchDeviceOption = Annotated[str, typer.Option(
     "--search-device", help="Where the Hamming search runs: cpu, or cuda[:N] (codes copied to the GPU).")]
+MilvusIndexTypeOption = Annotated[str | None, typer.Option(
+    "--milvus-index", help="Vector index of a new Milvus collection: bin_flat (exact, the default) or bin_ivf_flat "
+    "(approximate, for billions of codes; not in Milvus Lite).")]
+MilvusNlistOption = Annotated[int | None, typer.Option("--milvus-nlist", min=1, help="bin_ivf_flat clusters (1024).")]
+MilvusNprobeOption = Annotated[int | None, typer.Option(
+    "--milvus-nprobe", min=1, help="bin_ivf_flat clusters scanned per query (16), recorded with the collection.")]
+MilvusShardsOption = Annotated[int | None, typer.Option(
+    "--milvus-shards", min=1, help="Milvus shards of a new collection (1).")]
+
+
+def _milvus_options(index_type: str | None, nlist: int | None, nprobe: int | None, shards: int | None) -> Any:
+    """A MilvusIndexOptions when any --milvus-* option was given, else None."""
+    from .milvus_index import MilvusIndexOptions
+
+    given = {name: value for name, value in
+             (("index_type", index_type), ("nlist", nlist), ("nprobe", nprobe), ("shards", shards)) if value is not None}
+    return MilvusIndexOptions(**given) if given else None
+
+
 GpuDecodeOption = Annotated[bool | None, typer.Option(
     "--gpu-decode/--cpu-decode",
     help="Decode JPEGs with nvJPEG on the engine's GPU, or with Pillow in the workers (default: GPU when the "
@@ -129,7 +150,8 @@ def _human_bytes(n: float) -> str:
 def encode(
     folder: Annotated[Path, typer.Argument(help="Image folder (searched recursively).")],
     engine: EngineOption,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index directory (created or resumed).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Index (created or resumed): a folder, "
+                                     "milvus://HOST[:PORT]/COLLECTION, milvus+https://… or FILE.db#COLLECTION.")],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     workers: Annotated[int | None, typer.Option("--workers", min=0, help="Decoding processes.")] = None,
     rebuild: Annotated[bool, typer.Option(
@@ -139,17 +161,27 @@ def encode(
     device: DeviceOption = "auto",
     allow_other_gpu: AllowOtherGpuOption = False,
     gpu_decode: GpuDecodeOption = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="K/N: encode only shard K of N (by path hash), so N workers fill one Milvus collection.")] = None,
+    milvus_index: MilvusIndexTypeOption = None,
+    milvus_nlist: MilvusNlistOption = None,
+    milvus_nprobe: MilvusNprobeOption = None,
+    milvus_shards: MilvusShardsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Encode an image folder into packed bit codes (resumable; unreadable images are skipped and listed)."""
     from fgh_deploy.engines import load_engine
 
     from .encode import SKIPPED_LOG, encode_folder
+    from .index_uri import is_milvus
+    from .milvus_index import parse_shard
 
+    shard_of = None if shard is None else parse_shard(shard)
     with load_engine(engine, device=device, allow_other_gpu=allow_other_gpu) as eng:
         summary = encode_folder(folder, eng, out, batch_size=batch_size, workers=workers, rebuild=rebuild,
                                 progress=None if not as_json else False, gpu_decode=gpu_decode,
-                                follow_links=follow_links)
+                                follow_links=follow_links, shard=shard_of,
+                                milvus_options=_milvus_options(milvus_index, milvus_nlist, milvus_nprobe, milvus_shards))
     if as_json:
         _print_json(summary.to_dict())
         return
@@ -157,14 +189,16 @@ def encode(
         err.print(f"skipped {display_path(s['path'])}: {terminal_safe(s['reason'])}", soft_wrap=True)
     if len(summary.skipped) > 20:
         err.print(f"... and {len(summary.skipped) - 20} more", soft_wrap=True)
-    table = Table(title=f"fgh encode → {display_path(out)}", show_header=False)
+    table = Table(title=f"fgh encode → {display_path(out)}" + (f" (shard {shard})" if shard else ""),
+                  show_header=False)
     table.add_column(justify="right")
     table.add_column()
     rows = [
         ("images", f"{summary.images} ({summary.encoded} encoded, {summary.reused} already indexed, "
                    f"{summary.removed} removed)"),
         ("skipped", f"{len(summary.skipped)}"
-         + (f" (listed in {display_path(out / SKIPPED_LOG)})" if summary.skipped else "")),
+         + (f" (listed in {display_path(Path(out) / SKIPPED_LOG)})" if summary.skipped and not is_milvus(out)
+            else "")),
         ("bits", str(summary.bits)),
         ("index size", _human_bytes(summary.index_bytes)),
         ("elapsed", f"{summary.seconds:.1f} s"),
@@ -179,7 +213,7 @@ def encode(
 @app.command()
 def query(
     images: Annotated[list[Path], typer.Argument(help="Query image(s).")],
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory from fgh encode.")],
+    index: IndexOption,
     engine: Annotated[Path | None, typer.Option(
         "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 10,
@@ -193,10 +227,12 @@ def query(
     """Find the nearest images by exact Hamming distance (ties: database order)."""
     from fgh_deploy.engines import load_engine
 
-    from .index import CodeIndex
+    from .index_uri import is_milvus, open_index
     from .query import default_engine_path, results_json, search_images
 
-    with CodeIndex.open(index) as idx, load_engine(engine or default_engine_path(idx), device=device,
+    if html is not None and is_milvus(index):
+        raise FghError("--html shows the codes' bits and needs a local index; fgh index pull the collection first")
+    with open_index(index) as idx, load_engine(engine or default_engine_path(idx), device=device,
                                                   allow_other_gpu=allow_other_gpu) as eng:
         results = search_images(idx, eng, images, top_k=top_k, radius=radius, search_device=search_device)
         bits, total = idx.bits, len(idx)
@@ -486,6 +522,49 @@ def demo(
     stdout.print("Next:", soft_wrap=True)
     for command in result.next_commands:
         stdout.print(f"  {terminal_safe(command)}", soft_wrap=True)
+
+
+index_app = typer.Typer(help="Copy indexes between fgh's local format and Milvus.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("push")
+def index_push_cmd(
+    local: Annotated[Path, typer.Argument(help="Local index folder.")],
+    uri: Annotated[str, typer.Argument(help="milvus://HOST[:PORT]/COLLECTION, milvus+https://… or FILE.db#COLLECTION.")],
+    milvus_index: MilvusIndexTypeOption = None,
+    milvus_nlist: MilvusNlistOption = None,
+    milvus_nprobe: MilvusNprobeOption = None,
+    milvus_shards: MilvusShardsOption = None,
+) -> None:
+    """Copy a local index into a Milvus collection (created if absent; rows upserted by path, so reruns are safe)."""
+    from .milvus_index import push_index
+
+    rows = push_index(local, _milvus_location(uri),
+                      _milvus_options(milvus_index, milvus_nlist, milvus_nprobe, milvus_shards))
+    stdout.print(f"pushed {rows} rows from {display_path(local)} to {terminal_safe(uri)}", soft_wrap=True)
+
+
+@index_app.command("pull")
+def index_pull_cmd(
+    uri: Annotated[str, typer.Argument(help="milvus://HOST[:PORT]/COLLECTION, milvus+https://… or FILE.db#COLLECTION.")],
+    local: Annotated[Path, typer.Argument(help="New local index folder.")],
+) -> None:
+    """Copy a Milvus collection into a new local index (rows in path order, Milvus's tie order)."""
+    from .milvus_index import pull_index
+
+    rows = pull_index(_milvus_location(uri), local)
+    stdout.print(f"pulled {rows} rows from {terminal_safe(uri)} to {display_path(local)}", soft_wrap=True)
+
+
+def _milvus_location(uri: str) -> Any:
+    from .index_uri import MilvusLocation, parse_index_name
+
+    location = parse_index_name(uri)
+    if not isinstance(location, MilvusLocation):
+        raise FghError(f"'{terminal_safe(uri)}' is not a Milvus name: milvus://HOST[:PORT]/COLLECTION, "
+                       "milvus+https://… or FILE.db#COLLECTION")
+    return location
 
 
 bench_app = typer.Typer(help="Benchmarks: engine latency, search vs FAISS, end-to-end encode, the HTTP service.",

@@ -37,12 +37,15 @@ from .bits import pack_codes
 from .errors import FghError
 from .images import IMAGE_EXTENSIONS, ImageBatchLoader, ImageScan, scan_images
 from .index import SKIPPED_LOG, CodeIndex
+from .index_uri import MilvusLocation, SearchIndex, parse_index_name
 from .utils import atomic_write, display_path, timed
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
     from fgh_deploy.engines.base import Engine
+
+    from .milvus_index import MilvusIndexOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +104,16 @@ def _default_workers() -> int:
 def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathLike, *,
                   batch_size: int = 64, workers: int | None = None, rebuild: bool = False,
                   progress: bool | None = None, commit_seconds: float = COMMIT_SECONDS,
-                  gpu_decode: bool | None = None, follow_links: bool = False) -> EncodeSummary:
-    """Encode every image under ``folder`` into the index at ``out`` (created or resumed).
+                  gpu_decode: bool | None = None, follow_links: bool = False,
+                  shard: tuple[int, int] | None = None,
+                  milvus_options: MilvusIndexOptions | None = None) -> EncodeSummary:
+    """Encode every image under ``folder`` into the index ``out`` names (created or resumed).
 
     Args:
         folder: image folder (recursive; hidden files ignored; see ``follow_links``).
         engine: an opened :class:`engines.base.Engine`.
-        out: index directory.
+        out: an index folder, or a Milvus collection (:mod:`fgh_deploy.index_uri`); into Milvus,
+            rows are upserted by path, so reruns and concurrent shards never duplicate a row.
         batch_size: images per engine call.
         workers: decoding processes (default: cores − 1, at most 8; 0 decodes in this process).
         rebuild: build a new index instead of resuming; it replaces the old one when complete.
@@ -118,6 +124,10 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
             ``GPU_DECODE_BELOW_WORKERS`` decoding workers run; more CPU workers were faster).
         follow_links: descend into symlinked directories (each directory once); by default
             they are listed as skipped. Linked files are read either way.
+        shard: ``(K, N)``: encode only the images of shard K of N (by path key, see
+            :func:`~fgh_deploy.milvus_index.in_shard`), so N workers fill one Milvus collection
+            together; Milvus only (a local index has one writer).
+        milvus_options: the vector index of a Milvus collection this run creates.
 
     Returns:
         An :class:`EncodeSummary`; images that could not be read, and what the scan left out,
@@ -128,7 +138,8 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
             built by another model or from another folder (without ``rebuild``), index data
             without a manifest (without ``rebuild``), a damaged or hostile index folder, a
             full disk (the index keeps what was committed), ``gpu_decode`` with an engine not
-            on CUDA.
+            on CUDA, ``shard`` or ``milvus_options`` with a local index, ``rebuild`` with Milvus
+            (drop the collection instead), a Milvus server that cannot be reached.
     """
     start = time.perf_counter()
     workers = _default_workers() if workers is None else workers
@@ -136,7 +147,16 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
                         decode_device=_decode_device(engine, gpu_decode, workers), commit_seconds=commit_seconds,
                         show_progress=sys.stderr.isatty() if progress is None else progress)
     root = Path(folder)
-    out = Path(out)
+    location = parse_index_name(out)
+    if isinstance(location, MilvusLocation):
+        if rebuild:
+            raise FghError(f"{location.name}: --rebuild is for local indexes; drop the collection to start over")
+        return _encode_into_milvus(root, engine, location, loop, follow_links, shard, milvus_options, start)
+    if shard is not None or milvus_options is not None:
+        what = "--shard" if shard is not None else "--milvus-index"
+        raise FghError(f"{what} needs a Milvus index (milvus://HOST/COLLECTION or FILE.db#COLLECTION); "
+                       f"{display_path(location)} is a local index, which has one writer")
+    out = location
     scan = _scan_images_or_refuse(root, out, follow_links)
     paths = scan.paths
     root_str = str(root.resolve())
@@ -159,6 +179,41 @@ def encode_folder(folder: str | os.PathLike, engine: Engine, out: str | os.PathL
     return summary
 
 
+def _encode_into_milvus(root: Path, engine: Engine, location: MilvusLocation, loop: _LoopOptions,
+                        follow_links: bool, shard: tuple[int, int] | None,
+                        milvus_options: MilvusIndexOptions | None, start: float) -> EncodeSummary:
+    """:func:`encode_folder` into a Milvus collection: upsert what is new or changed, delete what is gone.
+
+    With ``shard``, only that shard's images are listed, encoded and (when gone) deleted, so
+    shards never touch each other's rows. A killed run leaves only whole upserted rows; the
+    rerun skips them (same size and mtime) and encodes the rest.
+    """
+    from .milvus_index import MilvusIndex, in_shard, unstorable_path
+
+    scan = _scan_images_or_refuse(root, location.name, follow_links)
+    listed = [p for p in scan.paths if shard is None or in_shard(p, shard)]
+    skipped = [(p, why) for p, why in scan.skipped if shard is None or in_shard(p, shard)]
+    skipped += [(p, why) for p in listed if (why := unstorable_path(p))]
+    paths = [p for p in listed if not unstorable_path(p)]
+    root_str = str(root.resolve())
+    index = MilvusIndex.open_or_create(location, bits=engine.bits, fingerprint=engine.fingerprint, model=engine.model,
+                                       preprocess=engine.preprocess.to_dict(), engine=engine.describe(), root=root_str,
+                                       options=milvus_options, hint="encode into another collection")
+    with index:
+        summary = EncodeSummary(index=location.name, folder=root_str, engine=engine.describe(), bits=engine.bits,
+                                images=len(listed))
+        summary.skipped.extend({"path": path, "reason": reason} for path, reason in skipped)
+        stats = {p: _file_stats(root, p) for p in paths}
+        stored = index.stored_stats(paths)
+        todo = [p for p in paths if stored.get(p) != stats[p]]
+        summary.reused = len(paths) - len(todo)
+        summary.removed = index.remove_unlisted(paths, shard)
+        _encode_into(index, engine, root, todo, stats, summary, loop)
+        summary.index_bytes = index.nbytes
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
 @dataclass(frozen=True)
 class _LoopOptions:
     """How the encoding loop runs, resolved from :func:`encode_folder`'s arguments."""
@@ -170,7 +225,7 @@ class _LoopOptions:
     show_progress: bool
 
 
-def _scan_images_or_refuse(root: Path, out: Path, follow_links: bool) -> ImageScan:
+def _scan_images_or_refuse(root: Path, out: Path | str, follow_links: bool) -> ImageScan:
     """The images under ``root``; none at all is an error, before the index is touched."""
     scan = scan_images(root, follow_links=follow_links)
     if not scan.paths:
@@ -216,7 +271,7 @@ def _open_or_create(out: Path, engine: Engine, root: str, rebuild: bool) -> Code
     return index
 
 
-def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
+def _encode_into(index: SearchIndex, engine: Engine, root: Path, todo: list[str],
                  stats: dict[str, tuple[int, int]], summary: EncodeSummary, options: _LoopOptions) -> None:
     """Decode, encode and append ``todo``, committing every ``commit_seconds``; time each stage."""
     timings = {"decode_wait": 0.0, "gpu_decode": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
@@ -257,7 +312,7 @@ def _encode_into(index: CodeIndex, engine: Engine, root: Path, todo: list[str],
                              "preprocess": round(loader.worker_preprocess_seconds, 4)}
 
 
-def _append_batch(index: CodeIndex, engine: Engine, images: torch.Tensor, rel: list[str],
+def _append_batch(index: SearchIndex, engine: Engine, images: torch.Tensor, rel: list[str],
                   stats: dict[str, tuple[int, int]], pad_to: int, timings: dict[str, float]) -> None:
     """Encode one batch (padded to ``pad_to`` rows when that is more) and append its rows, uncommitted."""
     with timed(timings, "engine"):
