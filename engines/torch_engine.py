@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +9,8 @@ import numpy as np
 import torch
 
 from fgh_deploy.checkpoint import load_checkpoint
-from fgh_deploy.errors import BackendUnavailableError, FghError
 from fgh_deploy.models import model_from_checkpoint
-from fgh_deploy.utils import resolve_device, terminal_safe
+from fgh_deploy.utils import resolve_device
 
 from .base import Engine
 

@@ -47,7 +47,7 @@ from .images import ImageDecodeError, has_image_extension, load_image
 from .index import CodeIndex
 from .query import QueryResult, default_engine_path, results_json, search_codes
 from .report import thumbnail_jpeg
-from .serve import (DynamicBatcher, LiveIndex, Metrics, ServeOptions, batch_padding, engine_provider)
+from .service import DynamicBatcher, LiveIndex, Metrics, ServeOptions, batch_padding, engine_provider
 from .serve_page import page_html
 from .version import __version__
 
