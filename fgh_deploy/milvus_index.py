@@ -163,8 +163,9 @@ def _connect(location: MilvusLocation) -> Any:
         except ImportError:
             raise FghError(f"{location.name}: Milvus Lite files need milvus-lite 2.5.1: {INSTALL_HINT} "
                            "(Linux x86-64 and macOS only)") from None
-        # Milvus Lite has no MVCC timestamps; pymilvus warns about that on every query iterator.
-        logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
+    # Milvus Lite (a file or its server) has no MVCC timestamps; pymilvus warns about that on every
+    # query iterator, and the iterator then uses the client's clock, which is what fgh needs.
+    logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
     with _milvus_errors(location, f"connecting to {location.uri}"):
         return pymilvus.MilvusClient(location.uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""),
                                      timeout=CONNECT_TIMEOUT_S)
