@@ -227,7 +227,8 @@ def query(
     """Find the nearest images by exact Hamming distance (ties: database order)."""
     from fgh_deploy.engines import load_engine
 
-    from .index_uri import is_milvus, open_index
+    from .index_uri import is_milvus
+    from .query import open_index
     from .query import default_engine_path, results_json, search_images
 
     if html is not None and is_milvus(index):

@@ -237,7 +237,7 @@ def _scan_images_or_refuse(root: Path, out: Path | str, follow_links: bool) -> I
     return scan
 
 
-def _cuda_device(engine: Engine) -> torch.device | None:
+def engine_cuda_device(engine: Engine) -> torch.device | None:
     """The CUDA device the engine runs on, if any."""
     device = getattr(engine, "device", None)
     return device if isinstance(device, torch.device) and device.type == "cuda" else None
@@ -245,7 +245,7 @@ def _cuda_device(engine: Engine) -> torch.device | None:
 
 def _decode_device(engine: Engine, gpu_decode: bool | None, workers: int) -> torch.device | None:
     """Where JPEGs are decoded: the engine's CUDA device, or ``None`` for Pillow in the workers."""
-    cuda = _cuda_device(engine)
+    cuda = engine_cuda_device(engine)
     if gpu_decode and cuda is None:
         raise FghError(f"{engine.path}: GPU decoding needs an engine on a CUDA device "
                        f"(this {engine.kind} engine runs on {getattr(engine, 'device', None) or 'the CPU'})")
@@ -277,7 +277,7 @@ def _encode_into(index: SearchIndex, engine: Engine, root: Path, todo: list[str]
     timings = {"decode_wait": 0.0, "gpu_decode": 0.0, "engine": 0.0, "pack": 0.0, "write": 0.0}
     # On a GPU every new batch shape costs new kernel plans, far more than encoding a few black
     # images: short batches (the last one, ones with skipped files) are padded to the full size.
-    on_gpu = _cuda_device(engine) is not None
+    on_gpu = engine_cuda_device(engine) is not None
     pad_to = options.batch_size if on_gpu else 0
     loader = ImageBatchLoader(todo, engine.preprocess, root=root, batch_size=options.batch_size,
                               num_workers=options.workers, pin_memory=on_gpu, jpeg_device=options.decode_device)
@@ -316,7 +316,7 @@ def _append_batch(index: SearchIndex, engine: Engine, images: torch.Tensor, rel:
                   stats: dict[str, tuple[int, int]], pad_to: int, timings: dict[str, float]) -> None:
     """Encode one batch (padded to ``pad_to`` rows when that is more) and append its rows, uncommitted."""
     with timed(timings, "engine"):
-        codes = engine.encode(_padded(images, pad_to))[: len(rel)]
+        codes = engine.encode(padded_batch(images, pad_to))[: len(rel)]
     with timed(timings, "pack"):
         packed = pack_codes(codes)
     with timed(timings, "write"):
@@ -345,7 +345,7 @@ def _worker_deaths_as_errors(loader: ImageBatchLoader) -> Iterator[None]:
         raise death from exc
 
 
-def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
+def padded_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """``images`` with black images appended up to ``size`` rows."""
     missing = size - len(images)
     if missing <= 0:

@@ -137,23 +137,3 @@ def _check_collection(collection: str, name: str) -> str:
 def is_milvus(name: str | os.PathLike[str]) -> bool:
     """Whether ``name`` names a Milvus collection (rather than a local index folder)."""
     return isinstance(parse_index_name(name), MilvusLocation)
-
-
-def open_index(name: str | os.PathLike[str], *, verify: bool = True) -> SearchIndex:
-    """Open the index ``name`` names, read-only, for searching.
-
-    Args:
-        name: a folder or a Milvus name (see the module docstring).
-        verify: local index only: check the CRC of every committed byte (see :mod:`fgh_deploy.index`).
-
-    Raises:
-        FghError: no index there, a damaged one, pymilvus missing, or a Milvus server that cannot be reached.
-    """
-    location = parse_index_name(name)
-    if isinstance(location, MilvusLocation):
-        from .milvus_index import MilvusIndex
-
-        return MilvusIndex.open(location)
-    from .index import CodeIndex
-
-    return CodeIndex.open(location, verify=verify)

@@ -22,8 +22,8 @@ from .bits import pack_codes
 from .config import PreprocessConfig
 from .errors import FghError
 from .images import load_image
-from .index import TIE_RULE  # noqa: F401 (report.py and serve_page.py read it here)
-from .index_uri import SearchIndex
+from .index import TIE_RULE, CodeIndex  # noqa: F401 (TIE_RULE: report.py and serve_page.py read it here)
+from .index_uri import MilvusLocation, SearchIndex, parse_index_name
 from .utils import check_int, display_path
 
 if TYPE_CHECKING:
@@ -149,3 +149,21 @@ def default_engine_path(index: SearchIndex) -> Path:
     if not path.is_file():
         raise FghError(f"{index.label}: its engine {display_path(path)} is gone; pass --engine")
     return path
+
+
+def open_index(name: str | os.PathLike[str], *, verify: bool = True) -> SearchIndex:
+    """Open the index ``name`` names, read-only, for searching.
+
+    Args:
+        name: a folder or a Milvus name (see the module docstring).
+        verify: local index only: check the CRC of every committed byte (see :mod:`fgh_deploy.index`).
+
+    Raises:
+        FghError: no index there, a damaged one, pymilvus missing, or a Milvus server that cannot be reached.
+    """
+    location = parse_index_name(name)
+    if isinstance(location, MilvusLocation):
+        from .milvus_index import MilvusIndex  # pymilvus only when a Milvus index is named
+
+        return MilvusIndex.open(location)
+    return CodeIndex.open(location, verify=verify)

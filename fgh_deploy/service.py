@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .encode import _cuda_device, _padded
+from .encode import engine_cuda_device, padded_batch
 from .errors import ConfigError, FghError
 from .index import MANIFEST, CodeIndex
 from .query import check_engine_matches
@@ -170,7 +170,7 @@ class DynamicBatcher:
             return
         started = time.perf_counter()
         try:
-            pixels = _padded(torch.stack([image for image, _ in batch]), self._pad_to)
+            pixels = padded_batch(torch.stack([image for image, _ in batch]), self._pad_to)
             codes = self._engine.encode(pixels)[: len(batch)]
         except Exception as exc:  # every waiting request gets the engine's error, the thread goes on
             for _, future in batch:
@@ -369,4 +369,4 @@ def is_loopback(host: str) -> bool:
 
 def batch_padding(engine: Engine, max_batch: int) -> int:
     """Rows each engine call is padded to: ``max_batch`` on CUDA (as ``fgh encode`` pads), else none."""
-    return max_batch if _cuda_device(engine) is not None else 0
+    return max_batch if engine_cuda_device(engine) is not None else 0

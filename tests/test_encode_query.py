@@ -103,7 +103,7 @@ def test_short_batches_are_padded_for_gpu_engines(folder: Path, model_path: Path
         encode = engine.encode
         monkeypatch.setattr(engine, "encode", lambda images: shapes.append(tuple(images.shape)) or encode(images))
         # Treated as a GPU engine (the padding rule), run on the CPU.
-        monkeypatch.setattr(encode_module, "_cuda_device", lambda e: torch.device("cuda"))
+        monkeypatch.setattr(encode_module, "engine_cuda_device", lambda e: torch.device("cuda"))
         padded = encode_folder(folder, engine, tmp_path / "padded", batch_size=5, workers=0, progress=False,
                                gpu_decode=False)
     assert padded.encoded == reference.encoded == 24
@@ -274,7 +274,7 @@ def test_gpu_decode_default_depends_on_the_decoding_workers(model_path: Path, mo
     cuda = torch.device("cuda", 0)
     with load_engine(model_path, device="cpu") as engine:
         assert encode_module._decode_device(engine, None, 0) is None  # a CPU engine never decodes on a GPU
-        monkeypatch.setattr(encode_module, "_cuda_device", lambda e: cuda)  # the rule for a CUDA engine
+        monkeypatch.setattr(encode_module, "engine_cuda_device", lambda e: cuda)  # the rule for a CUDA engine
         below = encode_module.GPU_DECODE_BELOW_WORKERS
         assert encode_module._decode_device(engine, None, below - 1) == cuda
         assert encode_module._decode_device(engine, None, below) is None

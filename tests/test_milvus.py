@@ -28,7 +28,8 @@ from fgh_deploy.encode import encode_folder
 from fgh_deploy.engines import load_engine
 from fgh_deploy.errors import FghError
 from fgh_deploy.index import CodeIndex
-from fgh_deploy.index_uri import MilvusLocation, open_index, parse_index_name
+from fgh_deploy.index_uri import MilvusLocation, parse_index_name
+from fgh_deploy.query import open_index
 from fgh_deploy.milvus_index import MilvusIndex, in_shard, parse_shard, pull_index, push_index
 from fgh_deploy.query import search_images
 from fgh_deploy.search import HammingSearcher
