@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -152,7 +153,8 @@ def _milvus_errors(location: MilvusLocation, doing: str) -> Iterator[None]:
         raise FghError(f"{location.name}: {doing} failed: {terminal_safe(message)}") from None
 
 
-def _connect(location: MilvusLocation) -> Any:
+def _connect(location: MilvusLocation, *, dedicated: bool = False) -> Any:
+    """A connected ``MilvusClient`` (``dedicated``: on its own channel, not one shared in this process)."""
     pymilvus = _pymilvus()
     if location.is_lite:
         try:
@@ -168,7 +170,7 @@ def _connect(location: MilvusLocation) -> Any:
     logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
     with _milvus_errors(location, f"connecting to {location.uri}"):
         return pymilvus.MilvusClient(location.uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""),
-                                     timeout=CONNECT_TIMEOUT_S)
+                                     timeout=CONNECT_TIMEOUT_S, **({"dedicated": True} if dedicated else {}))
 
 
 class MilvusIndex:
@@ -177,6 +179,11 @@ class MilvusIndex:
     Get one with :meth:`open` or :meth:`open_or_create`. Rows are upserted by :meth:`append`
     and visible to searches at once (the collection's consistency level is Strong), so
     :meth:`commit` has nothing left to do; any number of writers may append at the same time.
+
+    Reads (searches, row counts, path look-ups) that fail in Milvus or in the connection are
+    retried once on a new connection: a long-lived reader such as ``fgh serve`` outlives a
+    server that drops idle clients (Milvus Lite's does after about two minutes, "too_many_pings").
+    A second failure is reported as usual. Writes are not retried.
     """
 
     tie_rule = MILVUS_TIE_RULE
@@ -184,6 +191,7 @@ class MilvusIndex:
     def __init__(self, client: Any, location: MilvusLocation, meta: dict[str, Any]) -> None:
         """Wrap a connected client; use :meth:`open` or :meth:`open_or_create` instead."""
         self._client = client
+        self._reconnect_lock = threading.Lock()
         self._location = location
         self._meta = meta
         options = meta["milvus_index"]
@@ -317,8 +325,8 @@ class MilvusIndex:
         return MilvusIndexOptions(**self._meta["milvus_index"])
 
     def __len__(self) -> int:
-        with self._errors("counting rows"):
-            rows = self._client.query(self._location.collection, filter="", output_fields=["count(*)"])
+        rows = self._read("counting rows", lambda client: client.query(
+            self._location.collection, filter="", output_fields=["count(*)"]))
         return int(rows[0]["count(*)"])
 
     @property
@@ -338,6 +346,15 @@ class MilvusIndex:
         if missing is not None:
             raise FghError(f"{self.label}: no row with id {missing}")
         return [found[i] for i in ids]
+
+    def path_of_key(self, key: int) -> str | None:
+        """The relative path of the row with primary key ``key`` (a search's ``I``), or None if there is none."""
+        key = int(key)
+        if not 0 <= key < _KEY_SPACE:
+            return None
+        rows = self._read("reading a row", lambda client: client.query(
+            self._location.collection, filter=f"id == {key}", output_fields=["path"]))
+        return str(rows[0]["path"]) if rows else None
 
     def stored_stats(self, rel_paths: Sequence[str]) -> dict[str, tuple[int, int]]:
         """``{path: (size, mtime_ns)}`` of the ``rel_paths`` already stored.
@@ -515,10 +532,9 @@ class MilvusIndex:
         if window is not None:
             params.update(range_filter=window[0], radius=window[1])  # range_filter <= d < radius
         filter_ = f"id >= {keys[0]} and id <= {keys[1] - 1}" if keys else ""
-        with self._errors("searching"):
-            result = self._client.search(self._location.collection, data=vectors, anns_field="code", limit=limit,
-                                         filter=filter_, output_fields=["path"],
-                                         search_params={"metric_type": "HAMMING", "params": params})
+        result = self._read("searching", lambda client: client.search(
+            self._location.collection, data=vectors, anns_field="code", limit=limit, filter=filter_,
+            output_fields=["path"], search_params={"metric_type": "HAMMING", "params": params}))
         return [[(int(h["distance"]), h["entity"]["path"], int(h["id"])) for h in hits] for hits in result]
 
     # ---------------------------------------------------------------- checking
@@ -555,12 +571,49 @@ class MilvusIndex:
             codes = codes.reshape(1, -1)
         return _vectors(check_codes(codes, self.bits, self.code_size))
 
+    def _read(self, doing: str, call: Any) -> Any:
+        """``call(client)``, retried once on a new connection when Milvus or the connection fails.
+
+        Reads are idempotent, so a retry is safe; the retry's failure is the one reported.
+        """
+        pymilvus = _pymilvus()
+        import grpc
+
+        client = self._client
+        try:
+            return call(client)
+        except (pymilvus.MilvusException, grpc.RpcError) as exc:
+            message = " ".join(str(getattr(exc, "message", "") or exc).split())
+            log.warning("%s: %s failed (%s); reconnecting and retrying once", self.label, doing, terminal_safe(message))
+            self._reconnect(client)
+        with self._errors(doing):
+            try:
+                return call(self._client)
+            except grpc.RpcError as exc:
+                raise FghError(f"{self.label}: {doing} failed: {terminal_safe(' '.join(str(exc).split()))}") from None
+
+    def _reconnect(self, failed: Any) -> None:
+        """Replace the client ``failed`` by a new connection (unless another thread already did)."""
+        with self._reconnect_lock:
+            if self._client is not failed:
+                return
+            with contextlib.suppress(Exception):
+                failed.close()
+            client = _connect(self._location, dedicated=True)
+            try:
+                with self._errors("reopening the collection"):
+                    client.load_collection(self._location.collection)
+            except BaseException:
+                client.close()
+                raise
+            self._client = client
+
     def _get(self, ids: list[int], fields: list[str]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        with self._errors("reading rows"):
-            for start in range(0, len(ids), _ROWS_PER_CALL):
-                rows.extend(self._client.get(self._location.collection, ids=ids[start:start + _ROWS_PER_CALL],
-                                             output_fields=fields))
+        for start in range(0, len(ids), _ROWS_PER_CALL):
+            part = ids[start:start + _ROWS_PER_CALL]
+            rows.extend(self._read("reading rows", lambda client: client.get(
+                self._location.collection, ids=part, output_fields=fields)))
         return rows
 
     def _batches(self, filter_: str, fields: list[str]) -> Iterator[list[dict[str, Any]]]:

@@ -13,6 +13,9 @@ takes microseconds. The service loads them once and keeps them:
   changed manifest is the switch point. The new index is opened, CRC-verified and checked against
   the engine before it replaces the old one; a request searches and names its hits from one
   snapshot, so a reload never tears a result. A damaged index keeps the last good one serving.
+  A Milvus index (``milvus://…``, ``FILE.db#COLLECTION``) is held as is: Milvus serves rows as
+  they are inserted, so nothing is watched; its reads reconnect once when the server dropped the
+  connection (Milvus Lite drops idle clients after about two minutes).
 * :class:`~fgh_deploy.service.Metrics` — Prometheus text-format counters and histograms, written by hand.
 
 These parts need no HTTP stack and live in :mod:`fgh_deploy.service`. The HTTP layer (FastAPI,
@@ -60,7 +63,9 @@ def create_app(index: str | os.PathLike[str], engine: str | os.PathLike[str] | N
     startup and shutdown.
 
     Args:
-        index: the index directory from ``fgh encode``.
+        index: the index: a directory from ``fgh encode``, or a Milvus name (``milvus://HOST[:PORT]/COLLECTION``,
+            ``FILE.db#COLLECTION``; a ``Path`` is always a directory). A Milvus index is searched on its
+            server and serves new rows as they are inserted; there is nothing to reload.
         engine: engine or checkpoint file (default: the one the index records).
         device: ``auto``, ``cpu`` or ``cuda[:N]`` for the engine.
         allow_other_gpu: see :func:`fgh_deploy.engines.load_engine`.
@@ -73,7 +78,7 @@ def create_app(index: str | os.PathLike[str], engine: str | os.PathLike[str] | N
         BackendUnavailableError: the ``serve`` extra is not installed.
         FghError: the index or engine cannot be opened, or they do not match.
     """
-    return _import_http().build_app(Path(index), None if engine is None else Path(engine), device=device,
+    return _import_http().build_app(index, None if engine is None else Path(engine), device=device,
                                     allow_other_gpu=allow_other_gpu, options=options or ServeOptions())
 
 
@@ -95,7 +100,7 @@ def serve(index: str | os.PathLike[str], engine: str | os.PathLike[str] | None =
     service = app.state.service
     shown_host = f"[{host}]" if ":" in host else host
     log.info("fgh serve: %s (%d rows, %d bits) with %s on %s, batches of up to %d; search page at http://%s:%d/",
-             display_path(index), len(service.index.current), service.engine.bits, service.engine.shown_path,
+             display_path(str(index)), len(service.index.current), service.engine.bits, service.engine.shown_path,
              engine_provider(service.engine), service.options.max_batch, shown_host, port)
     if not is_loopback(host) and service.options.token is None:
         log.warning("WARNING: listening on %s without a token: anyone who can reach it can search the index and "

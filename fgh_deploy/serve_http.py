@@ -44,8 +44,8 @@ from fgh_deploy.engines import load_engine
 
 from .errors import FghError
 from .images import ImageDecodeError, has_image_extension, load_image
-from .index import CodeIndex
-from .query import QueryResult, default_engine_path, results_json, search_codes
+from .index_uri import SearchIndex
+from .query import QueryResult, default_engine_path, open_index, results_json, search_codes
 from .report import thumbnail_jpeg
 from .service import DynamicBatcher, LiveIndex, Metrics, ServeOptions, batch_padding, engine_provider
 from .serve_page import page_html
@@ -62,10 +62,10 @@ THUMB_SIZES = (16, 1024)
 class _Service:
     """What the routes share: the engine, the live index, the batcher, the thread pool, the metrics."""
 
-    def __init__(self, index: Path, engine: Path | None, *, device: str, allow_other_gpu: bool,
+    def __init__(self, index: str | os.PathLike[str], engine: Path | None, *, device: str, allow_other_gpu: bool,
                  options: ServeOptions) -> None:
         self.options = options
-        with CodeIndex.open(index, verify=False) as probe:
+        with open_index(index, verify=False) as probe:
             engine_path = engine or default_engine_path(probe)
         self.engine = load_engine(engine_path, device=device, allow_other_gpu=allow_other_gpu)
         try:
@@ -99,8 +99,8 @@ class _Service:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def watch_index(self) -> None:
-        """Check the index for a new commit every ``reload_seconds`` (the reload runs in a thread)."""
-        while True:
+        """Check the index for a new commit every ``reload_seconds`` (the reload runs in a thread); Milvus: nothing to watch."""
+        while self.index.watched:
             await asyncio.sleep(self.options.reload_seconds)
             try:
                 await asyncio.to_thread(self.index.refresh)
@@ -153,7 +153,7 @@ class _ObserveRequests:
             self.metrics.observe_request(route, status, time.perf_counter() - started)
 
 
-def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu: bool,
+def build_app(index: str | os.PathLike[str], engine: Path | None, *, device: str, allow_other_gpu: bool,
               options: ServeOptions) -> FastAPI:
     """See :func:`fgh_deploy.serve.create_app`."""
     service = _Service(index, engine, device=device, allow_other_gpu=allow_other_gpu, options=options)
@@ -222,11 +222,11 @@ def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu:
             raise HTTPException(400, f"{len(files)} files sent; POST /search/batch takes several")
         return files
 
-    def check_radius(radius: int | None, current: CodeIndex) -> None:
+    def check_radius(radius: int | None, current: SearchIndex) -> None:
         if radius is not None and radius > current.bits:
             raise HTTPException(422, f"radius must be at most {current.bits} (the code length), got {radius}")
 
-    def search(current: CodeIndex, names: list[str], codes: np.ndarray, k: int, radius: int | None) -> dict[str, Any]:
+    def search(current: SearchIndex, names: list[str], codes: np.ndarray, k: int, radius: int | None) -> dict[str, Any]:
         hits = search_codes(current, codes, top_k=k, radius=radius, device=options.search_device)
         results = [QueryResult(name, h) for name, h in zip(names, hits)]
         return results_json(service.index_name, current, results, top_k=k, radius=radius)
@@ -282,9 +282,10 @@ def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu:
     @app.get("/images/{row}", dependencies=[Depends(authorized)])
     async def image(row: int, size: int | None = Query(None, ge=THUMB_SIZES[0], le=THUMB_SIZES[1])) -> Response:
         current = service.index.current
-        if not 0 <= row < len(current):
-            raise HTTPException(404, f"row {row} is not in the index ({len(current)} rows)")
-        rel = current.path_of(row)
+        # A row number of a local index, a primary key of a Milvus one (the "row" of search results).
+        rel = await service.in_thread(service.index.row_path, current, row)
+        if rel is None:
+            raise HTTPException(404, f"row {row} is not in the index")
         parts = PurePosixPath(rel.replace(os.sep, "/"))
         # Only the index's own relative paths, under its root; never a path from the request.
         if parts.is_absolute() or ".." in parts.parts:
@@ -308,13 +309,22 @@ def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         live, engine = service.index, service.engine
+        current = live.current
         ready = service.started and service.batcher.alive
+        try:
+            rows: int | None = await asyncio.to_thread(len, current)  # Milvus: a count on its server
+            unreachable = None
+        except FghError as exc:
+            rows, unreachable, ready = None, str(exc), False
         body = {
             "ready": ready,
             "engine": {"kind": engine.kind, "path": str(engine.path), "provider": engine_provider(engine),
                        "bits": engine.bits, "input_size": engine.input_size},
-            "index": {"path": service.index_name, "rows": len(live.current), "bits": live.current.bits,
-                      "reloads": live.reloads, "loaded_at": live.loaded_at, "reload_error": live.reload_error},
+            "index": {"path": service.index_name, "backend": "local" if live.watched else "milvus",
+                      "rows": rows, "bits": current.bits,
+                      "reload": "on commit" if live.watched else "none (Milvus serves rows as they are inserted)",
+                      "reloads": live.reloads, "loaded_at": live.loaded_at,
+                      "reload_error": live.reload_error if unreachable is None else unreachable},
             "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -323,7 +333,7 @@ def build_app(index: Path, engine: Path | None, *, device: str, allow_other_gpu:
     async def metrics() -> PlainTextResponse:
         live, engine = service.index, service.engine
         gauges = [
-            ("fgh_index_rows", "Rows of the index being served.", {}, len(live.current)),
+            ("fgh_index_rows", "Rows of the index being served.", {}, await asyncio.to_thread(len, live.current)),
             ("fgh_index_reloads_total", "Times a new commit of the index was loaded.", {}, live.reloads),
             ("fgh_index_reload_failures_total", "Failed reloads (the last good index kept serving); a failure "
                                                 "repeated at each poll counts once.", {}, live.reload_failures),

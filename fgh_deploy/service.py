@@ -26,7 +26,8 @@ import torch
 from .encode import engine_cuda_device, padded_batch
 from .errors import ConfigError, FghError
 from .index import MANIFEST, CodeIndex
-from .query import check_engine_matches
+from .index_uri import MilvusLocation, SearchIndex, parse_index_name
+from .query import check_engine_matches, open_index
 from .utils import check_int, display_path
 
 if TYPE_CHECKING:
@@ -198,43 +199,54 @@ class LiveIndex:
     handles are never closed while the service runs (an old one is released when its last
     request drops it), so a request never sees a reload half-way.
 
+    A Milvus index (``milvus://…``, ``FILE.db#COLLECTION``) is held as is: Milvus serves rows as
+    soon as they are inserted, so there is no manifest to watch and :meth:`refresh` does nothing
+    (:attr:`watched` is False).
+
     Args:
-        path: the index directory.
+        name: the index: a local index directory, or a Milvus name (a ``Path`` is always a directory).
         engine: the engine queries are encoded with; a reloaded index must match it.
-        search_device: where searches run (the searcher is built before the switch).
+        search_device: where searches run (the searcher is built before the switch; Milvus searches on its server).
 
     Raises:
         FghError: the index cannot be opened or does not match the engine (at start only).
     """
 
-    def __init__(self, path: str | os.PathLike[str], engine: Engine, *, search_device: str = "cpu") -> None:
-        self.path = Path(path)
+    def __init__(self, name: str | os.PathLike[str], engine: Engine, *, search_device: str = "cpu") -> None:
+        location = parse_index_name(name)
+        #: Whether new commits are watched for (a local index) or not (Milvus).
+        self.watched = not isinstance(location, MilvusLocation)
+        self.path = Path(location) if self.watched else None
+        self.name = str(name)
         self._engine = engine
         self._search_device = search_device
-        self._signature = _manifest_signature(self.path)
-        self.current = self._open()
+        self._signature = _manifest_signature(self.path) if self.path is not None else None
+        self.current: SearchIndex = self._open()
         #: Why the last reload failed (the last good index is serving), or None.
         self.reload_error: str | None = None
         self.reloads = 0
         self.reload_failures = 0
         self.loaded_at = time.time()
 
-    def _open(self) -> CodeIndex:
-        index = CodeIndex.open(self.path)
+    def _open(self) -> SearchIndex:
+        index = open_index(self.path if self.path is not None else self.name)
         try:
             check_engine_matches(index, self._engine)
-            index.searcher(self._search_device)  # built before the switch, not by the first request
+            if isinstance(index, CodeIndex):
+                index.searcher(self._search_device)  # built before the switch, not by the first request
         except BaseException:
             index.close()
             raise
         return index
 
     def refresh(self) -> bool:
-        """Reopen the index if its manifest changed (or the last reload failed).
+        """Reopen the index if its manifest changed (or the last reload failed); nothing for Milvus.
 
         Returns:
             Whether a new index is now being served.
         """
+        if self.path is None:
+            return False
         signature = _manifest_signature(self.path)
         if signature == self._signature and self.reload_error is None:
             return False
@@ -254,6 +266,12 @@ class LiveIndex:
         self.loaded_at = time.time()
         log.info("%s: reloaded, %d rows (was %d)", display_path(self.path), len(index), before)
         return True
+
+    def row_path(self, current: SearchIndex, row: int) -> str | None:
+        """The relative path of ``row`` of ``current`` (a row number, or Milvus's primary key), or None."""
+        if isinstance(current, CodeIndex):
+            return current.path_of(row) if 0 <= row < len(current) else None
+        return current.path_of_key(row)  # type: ignore[attr-defined]
 
 
 #: Request latency buckets in seconds.

@@ -281,3 +281,78 @@ def test_wrong_length_code_model_mismatch_and_unreachable_server_are_one_line_er
     assert "\n" not in str(info.value)
     result = _cli("encode", str(folder), "-m", str(model_path), "--out", str(tmp_path / "local"), "--shard", "1/2")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "needs a Milvus index" in result.stderr
+
+
+def test_reads_reconnect_once_after_the_connection_is_lost(local_index: Path, lite_server: str) -> None:
+    """A dropped client (Milvus Lite's server drops idle ones after ~2 minutes) costs one reconnect, not an error."""
+    name = f"{lite_server}/reconnect"
+    push_index(local_index, parse_index_name(name))
+    with CodeIndex.open(local_index) as local, open_index(name) as index:
+        query = np.asarray(local.codes[:2])
+        want = index.search(query, 5)
+        index._client.close()  # what the server's GOAWAY leaves behind: a client that cannot call
+        got = index.search(query, 5)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        key = int(got[1][0, 0])
+        index._client.close()
+        assert index.path_of_key(key) == index.paths([key])[0] and len(index) == 24
+        assert index.path_of_key(12345) is None and index.path_of_key(-1) is None
+
+
+def test_fgh_serve_searches_a_milvus_index_like_fgh_query(
+        folder: Path, local_index: Path, lite_server: str, tmp_path: Path) -> None:
+    import http.client
+
+    pytest.importorskip("fastapi", reason="fgh serve needs the serve extra: pip install '.[serve]'")
+    name = f"{lite_server}/served"
+    push_index(local_index, parse_index_name(name))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def request(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        # fgh serve's entry point with the name as a string (the CLI's --index is still typed as a folder path).
+        server = subprocess.Popen([sys.executable, "-c", "import sys; from fgh_deploy.serve import serve; "
+                                   "serve(sys.argv[1], port=int(sys.argv[2]), device='cpu')", name, str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status, body = request("GET", "/readyz")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        ready = json.loads(body)["index"]
+        assert ready["backend"] == "milvus" and ready["rows"] == 24 and ready["reloads"] == 0
+        query = sorted(folder.glob("*/*.jpg"))[3]
+        expected = _cli("query", str(query), "--top-k", "7", "--json", "--index", name)
+        assert expected.returncode == 0, expected.stderr
+        want = json.loads(expected.stdout)
+        status, body = request("POST", f"/search?k=7&name={query.name}", query.read_bytes())
+        assert status == 200, body
+        got = json.loads(body)
+        assert got["queries"] == [{"query": query.name, "results": want["queries"][0]["results"]}]
+        assert {k: v for k, v in got.items() if k != "queries"} == {k: v for k, v in want.items() if k != "queries"}
+        assert got["index"] == name and len(got["queries"][0]["results"]) == 7
+        hit = got["queries"][0]["results"][2]
+        assert request("GET", f"/images/{hit['row']}") == (200, (folder / hit["path"]).read_bytes())
+        assert request("GET", "/images/12345")[0] == 404 and request("GET", "/images/-1")[0] == 404
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert "Traceback" not in log.read_text(), log.read_text()
