@@ -391,7 +391,12 @@ def bench_serve(
     from urllib.parse import urlsplit
 
     from .index import CodeIndex
+    from .index_uri import is_milvus
 
+    if is_milvus(index):
+        # Its query images are picked by row position, which a Milvus collection does not have.
+        raise FghError(f"{index}: fgh bench serve reads its query images from a local index folder; pull the "
+                       f"collection with fgh index pull and pass that folder (--url still loads the Milvus server)")
     if not SERVE_SECONDS[0] <= seconds <= SERVE_SECONDS[1]:
         raise FghError(f"seconds must be between {SERVE_SECONDS[0]:g} and {SERVE_SECONDS[1]:g}, got {seconds:g}")
     if not clients or not all(SERVE_CLIENTS[0] <= c <= SERVE_CLIENTS[1] for c in clients):

@@ -429,7 +429,7 @@ MaxWaitOption = Annotated[float, typer.Option(
 
 @app.command()
 def serve(
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory from fgh encode.")],
+    index: IndexOption,
     engine: Annotated[Path | None, typer.Option(
         "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless told otherwise).")] = "127.0.0.1",
@@ -679,7 +679,7 @@ def bench_encode_cmd(
 
 @bench_app.command("serve")
 def bench_serve_cmd(
-    index: Annotated[Path, typer.Option("--index", "-i", help="Index directory; its first images are the queries.")],
+    index: Annotated[str, typer.Option("--index", "-i", help="Index directory; its first images are the queries.")],
     engine: Annotated[Path | None, typer.Option(
         "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
     clients: Annotated[str, typer.Option("--clients", help="Concurrent clients, comma-separated.")] = "1,4,16",

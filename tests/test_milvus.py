@@ -321,9 +321,8 @@ def test_fgh_serve_searches_a_milvus_index_like_fgh_query(
 
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        # fgh serve's entry point with the name as a string (the CLI's --index is still typed as a folder path).
-        server = subprocess.Popen([sys.executable, "-c", "import sys; from fgh_deploy.serve import serve; "
-                                   "serve(sys.argv[1], port=int(sys.argv[2]), device='cpu')", name, str(port)],
+        server = subprocess.Popen([sys.executable, "-c", "from fgh_deploy.cli import main; main()", "serve",
+                                   "--index", name, "--port", str(port), "--device", "cpu"],
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
