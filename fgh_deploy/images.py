@@ -691,25 +691,23 @@ class ImageBatchLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         _interpolation(cfg.interpolation)  # fail once here, not once per image in the workers
-        if num_workers > 0:
-            num_workers = shared_memory_workers(num_workers, batch_size * 3 * cfg.input_size ** 2)
         self.cfg = cfg
         self.jpeg_device = None if jpeg_device is None else torch.device(jpeg_device)
         self.device_decode_seconds = 0.0
         self.worker_decode_seconds = 0.0
         self.worker_preprocess_seconds = 0.0
         self.dataset = ImageFileDataset(paths, cfg, root, raw_jpegs=self.jpeg_device is not None)
+        workers = worker_loader_kwargs(num_workers, batch_size * 3 * cfg.input_size ** 2)
         self._loader = DataLoader(
             self.dataset,
             batch_size=batch_size,
             shuffle=False,
-            num_workers=num_workers,
+            **workers,
             collate_fn=partial(_collate, input_size=cfg.input_size),
             # DataLoader warns on every iteration when asked to pin without an accelerator.
             pin_memory=pin_memory and torch.cuda.is_available(),
             # DataLoader rejects a start method when there are no worker processes.
-            multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
-            timeout=WORKER_BATCH_TIMEOUT_SECONDS if num_workers > 0 else 0,
+            multiprocessing_context=multiprocessing_context if workers["num_workers"] else None,
         )
 
     def __len__(self) -> int:
@@ -812,6 +810,16 @@ WORKER_BATCH_TIMEOUT_SECONDS = 600.0
 
 def _shared_memory_advice() -> str:
     return "in a container, give it more: docker run --shm-size=1g; or --workers 0 decodes in this process"
+
+
+def worker_loader_kwargs(num_workers: int, batch_bytes: int) -> dict[str, int | float]:
+    """DataLoader's ``num_workers`` and ``timeout`` for batches of ``batch_bytes``, for every loader fgh makes.
+
+    Workers only where shared memory holds their batches (:func:`shared_memory_workers`), and a
+    timeout only with workers (DataLoader refuses one without).
+    """
+    workers = shared_memory_workers(num_workers, batch_bytes)
+    return {"num_workers": workers, "timeout": WORKER_BATCH_TIMEOUT_SECONDS if workers else 0}
 
 
 def shared_memory_workers(num_workers: int, batch_bytes: int) -> int:

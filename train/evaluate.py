@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.errors import FghError
-from fgh_deploy.images import WORKER_BATCH_TIMEOUT_SECONDS, shared_memory_workers
+from fgh_deploy.images import worker_loader_kwargs
 from fgh_deploy.models import HashModel, model_from_checkpoint
 from fgh_deploy.utils import display_path, resolve_device
 
@@ -43,9 +43,8 @@ def encode_samples(model: HashModel, samples: Sequence[Sample], root: Path, devi
     model.eval()
     dataset = LabeledImageDataset(list(samples), root, model.preprocess, train=False)
     size = model.preprocess.input_size
-    workers = shared_memory_workers(workers, batch_size * 3 * size * size * 4)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        timeout=WORKER_BATCH_TIMEOUT_SECONDS if workers else 0)
+    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda",
+                        **worker_loader_kwargs(workers, batch_size * 3 * size * size * 4))
     codes = [sign_plus(model(images.to(device, non_blocking=True)).float()).cpu() for images, _, _ in loader]
     model.train(was_training)
     return torch.cat(codes) if codes else torch.zeros(0, model.bits)

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from fgh_deploy.checkpoint import load_checkpoint, save_checkpoint
 from fgh_deploy.errors import FghError
-from fgh_deploy.images import WORKER_BATCH_TIMEOUT_SECONDS, shared_memory_workers
+from fgh_deploy.images import worker_loader_kwargs
 from fgh_deploy.models import HashModel, build_model
 from fgh_deploy.models._base import HASH, NEW, PRETRAINED
 from fgh_deploy.utils import atomic_write, display_path, resolve_device
@@ -143,10 +143,10 @@ def _loader(samples: list[Sample], data: HashingDataset, model: HashModel, confi
             batches: list[list[int]], device: torch.device) -> DataLoader:
     dataset = LabeledImageDataset(samples, data.root, model.preprocess, train=True, crop_scale=config.crop_scale)
     size = model.preprocess.input_size
-    workers = shared_memory_workers(config.workers, max(map(len, batches), default=1) * 3 * size * size * 4)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False, timeout=WORKER_BATCH_TIMEOUT_SECONDS if workers else 0,
-                      multiprocessing_context="fork" if workers and sys.platform == "linux" else None)
+    workers = worker_loader_kwargs(config.workers, max(map(len, batches), default=1) * 3 * size * size * 4)
+    return DataLoader(dataset, batch_sampler=batches, pin_memory=device.type == "cuda", persistent_workers=False,
+                      **workers,
+                      multiprocessing_context="fork" if workers["num_workers"] and sys.platform == "linux" else None)
 
 
 def _chunks(order: list[int], batch_size: int) -> list[list[int]]:

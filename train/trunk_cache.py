@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fgh_deploy.images import WORKER_BATCH_TIMEOUT_SECONDS, shared_memory_workers
+from fgh_deploy.images import worker_loader_kwargs
 
 from .data import LabeledImageDataset
 
@@ -134,9 +134,8 @@ def trunk_maps(model: torch.nn.Module, images: LabeledImageDataset, views: int =
     if not len(images) or views < 1:
         raise ValueError(f"{label}: no images ({len(images)} images, {views} views)")
     size = images.cfg.input_size
-    workers = shared_memory_workers(workers, batch_size * 3 * size * size * 4)
-    loader = DataLoader(_SeededViews(images, views, seed), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda", timeout=WORKER_BATCH_TIMEOUT_SECONDS if workers else 0)
+    loader = DataLoader(_SeededViews(images, views, seed), batch_size=batch_size, pin_memory=device.type == "cuda",
+                        **worker_loader_kwargs(workers, batch_size * 3 * size * size * 4))
     was_training = model.trunk.training
     model.trunk.eval()
     use_onnxruntime = device.type == "cpu" and (
