@@ -186,7 +186,8 @@ def _encode_into_milvus(root: Path, engine: Engine, location: MilvusLocation, lo
 
     With ``shard``, only that shard's images are listed, encoded and (when gone) deleted, so
     shards never touch each other's rows. A killed run leaves only whole upserted rows; the
-    rerun skips them (same size and mtime) and encodes the rest.
+    rerun skips them (same size and mtime) and encodes the rest. Rows stored twice (the same
+    shard run twice at once) are repaired at the end of the run.
     """
     from .milvus_index import MilvusIndex, in_shard, unstorable_path
 
@@ -209,6 +210,10 @@ def _encode_into_milvus(root: Path, engine: Engine, location: MilvusLocation, lo
         summary.reused = len(paths) - len(todo)
         summary.removed = index.remove_unlisted(paths, shard)
         _encode_into(index, engine, root, todo, stats, summary, loop)
+        repaired = index.repair_duplicates(len(paths), shard)
+        if repaired:
+            log.warning("%s: %d image(s) were stored more than once (the same shard encoded twice at the same "
+                        "time?); now stored once", location.name, repaired)
         summary.index_bytes = index.nbytes
     summary.seconds = time.perf_counter() - start
     return summary

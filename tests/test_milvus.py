@@ -30,7 +30,7 @@ from fgh_deploy.errors import FghError
 from fgh_deploy.index import CodeIndex
 from fgh_deploy.index_uri import MilvusLocation, parse_index_name
 from fgh_deploy.query import open_index
-from fgh_deploy.milvus_index import MilvusIndex, in_shard, parse_shard, pull_index, push_index
+from fgh_deploy.milvus_index import MilvusIndex, in_shard, parse_shard, path_key, pull_index, push_index
 from fgh_deploy.query import search_images
 from fgh_deploy.search import HammingSearcher
 
@@ -228,6 +228,52 @@ def test_push_then_pull_round_trips_bit_for_bit(local_index: Path, lite_server: 
     with CodeIndex.open(pulled) as a, CodeIndex.open(local_index) as b:
         assert (a.bits, a.fingerprint, a.model, a.preprocess, a.engine, a.root) == \
                (b.bits, b.fingerprint, b.model, b.preprocess, b.engine, b.root)
+
+
+def test_append_replaces_stored_paths_and_rows_stored_twice_are_repaired(lite_server: str) -> None:
+    location = parse_index_name(f"{lite_server}/replace")
+    meta = dict(bits=16, fingerprint="f" * 64, model={}, preprocess={}, engine={}, root="/")
+    with MilvusIndex.open_or_create(location, **meta) as index:
+        index.append(np.array([[1, 0], [2, 0], [3, 0]], np.uint8), ["a.jpg", "b.jpg", "c.jpg"],
+                     np.zeros((3, 2), np.int64))
+        index.append(np.array([[255, 255], [4, 0]], np.uint8), ["b.jpg", "d.jpg"], np.ones((2, 2), np.int64))
+        codes, paths, stats = index.all_rows()
+        assert paths == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"] and len(index) == 4
+        assert codes.tolist() == [[1, 0], [255, 255], [3, 0], [4, 0]] and stats[:, 0].tolist() == [0, 1, 0, 1]
+    # What two writers of the same new paths at the same moment can leave (Milvus Lite does not
+    # order concurrent upserts): every row stored twice. Searches come back short until repaired.
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (2000, 2), dtype=np.uint8)
+    paths = [f"n/{i:04d}.jpg" for i in range(2000)]
+    rows = [{"id": path_key(p), "path": p, "size": 0, "mtime_ns": 0, "code": c.tobytes()} for p, c in zip(paths, codes)]
+    with MilvusIndex.open(location) as index:
+        for copy in range(2):
+            index._client.insert(location.collection, rows[:1000] if copy else rows)
+        assert len(index) == 3004
+        _, keys = index.search(np.array([[0, 0]], np.uint8), 2004)
+        assert (keys < 0).any()  # fewer hits than rows
+        assert index.repair_duplicates(2004) >= 1000
+        assert len(index) == 2004 and index.repair_duplicates(2004) == 0
+        _, keys = index.search(np.array([[0, 0]], np.uint8), 2004)
+        assert (keys >= 0).all() and len(set(index.paths(keys[0]))) == 2004
+
+
+def test_encode_repairs_rows_stored_twice(folder: Path, model_path: Path, lite_server: str, caplog) -> None:
+    name = f"{lite_server}/twice"
+    _encode(folder, model_path, name)
+    location = parse_index_name(name)
+    with MilvusIndex.open(location) as index:
+        reference = index.all_rows()
+        doubled = [row for batch in index._batches("", ["id", "path", "size", "mtime_ns", "code"]) for row in batch][:9]
+        index._client.insert(location.collection, [{**r, "code": milvus_index._vector_bytes(r["code"])} for r in doubled])
+        assert len(index) == 33
+    with caplog.at_level("WARNING", logger="fgh_deploy.encode"):
+        assert _encode(folder, model_path, name).encoded == 0
+    assert "9 image(s) were stored more than once" in caplog.text
+    with MilvusIndex.open(location) as index:
+        assert len(index) == 24
+        rows = index.all_rows()
+    assert rows[1] == reference[1] and np.array_equal(rows[0], reference[0]) and np.array_equal(rows[2], reference[2])
 
 
 def test_exact_search_past_milvus_limit_matches_brute_force(lite_server: str, monkeypatch) -> None:
