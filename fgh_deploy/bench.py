@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import numpy as np
 
 from .errors import FghError
+from .index_uri import SearchIndex, absolute_index_name
 from .search import HammingSearcher
+from .utils import display_path
 
 if TYPE_CHECKING:
     from fgh_deploy.engines.base import Engine
@@ -365,7 +367,8 @@ def bench_serve(
     without (``--max-batch 1``), so both are measured in the same run on the same machine.
 
     Args:
-        index: the index; its images (up to ``queries``, spread over its rows) are the queries.
+        index: the index (any name, see :mod:`fgh_deploy.index_uri`); up to ``queries`` of its images
+            (:meth:`~fgh_deploy.index_uri.SearchIndex.sample_paths`) are the queries.
         engine: the engine for the started servers (default: the one the index records).
         clients: concurrent client counts, each run for ``seconds``.
         seconds: duration of each run (1 to 600).
@@ -390,18 +393,14 @@ def bench_serve(
     """
     from urllib.parse import urlsplit
 
-    from .index import CodeIndex
-    from .index_uri import is_milvus
+    from .query import open_index
 
-    if is_milvus(index):
-        # Its query images are picked by row position, which a Milvus collection does not have.
-        raise FghError(f"{index}: fgh bench serve reads its query images from a local index folder; pull the "
-                       f"collection with fgh index pull and pass that folder (--url still loads the Milvus server)")
     if not SERVE_SECONDS[0] <= seconds <= SERVE_SECONDS[1]:
         raise FghError(f"seconds must be between {SERVE_SECONDS[0]:g} and {SERVE_SECONDS[1]:g}, got {seconds:g}")
     if not clients or not all(SERVE_CLIENTS[0] <= c <= SERVE_CLIENTS[1] for c in clients):
         raise FghError(f"clients must be between {SERVE_CLIENTS[0]} and {SERVE_CLIENTS[1]}, got {list(clients)}")
-    with CodeIndex.open(index, verify=False) as idx:
+    # Closed before a server starts: a Milvus Lite file admits one process at a time.
+    with open_index(index, verify=False) as idx:
         images = _query_images(idx, queries)
     runs: list[tuple[str, int | None]] = [("batched", max_batch), ("unbatched", 1)]
     results = []
@@ -453,17 +452,16 @@ class _Target(NamedTuple):
         return response.status, response.read()
 
 
-def _query_images(index: Any, count: int) -> list[tuple[str, bytes]]:
-    """(path, bytes) of up to ``count`` readable images spread over the index's rows."""
-    rows = sorted({int(r) for r in np.linspace(0, len(index) - 1, min(count, len(index)))}) if len(index) else []
+def _query_images(index: SearchIndex, count: int) -> list[tuple[str, bytes]]:
+    """(path, bytes) of up to ``count`` readable images of the index (:meth:`SearchIndex.sample_paths`)."""
     images = []
-    for rel in index.paths(rows):
+    for rel in index.sample_paths(count):
         try:
             images.append((rel, (Path(index.root) / rel).read_bytes()))
         except OSError:
             continue
     if not images:
-        raise FghError(f"{index.path}: none of its images can be read from {index.root}")
+        raise FghError(f"{index.label}: none of its images can be read from {display_path(index.root)}")
     return images
 
 
@@ -544,7 +542,7 @@ def _serve_process(index: str | os.PathLike[str], engine: str | os.PathLike[str]
                    max_wait_ms: float) -> Iterator[str]:
     """``fgh serve`` on a free loopback port in a subprocess; yields its base URL once /readyz says ready."""
     port = _free_port()
-    command = [sys.executable, "-m", "fgh_deploy.cli", "serve", "--index", str(Path(index).resolve()),
+    command = [sys.executable, "-m", "fgh_deploy.cli", "serve", "--index", absolute_index_name(index),
                "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
     if engine is not None:
         command += ["--engine", str(Path(engine).resolve())]

@@ -224,15 +224,11 @@ def query(
     search_device: SearchDeviceOption = "cpu",
     as_json: JsonOption = False,
 ) -> None:
-    """Find the nearest images by exact Hamming distance (ties: database order)."""
+    """Find the nearest images by exact Hamming distance (ties: database order, or path in Milvus)."""
     from fgh_deploy.engines import load_engine
 
-    from .index_uri import is_milvus
-    from .query import open_index
-    from .query import default_engine_path, results_json, search_images
+    from .query import default_engine_path, open_index, results_json, search_images
 
-    if html is not None and is_milvus(index):
-        raise FghError("--html shows the codes' bits and needs a local index; fgh index pull the collection first")
     with open_index(index) as idx, load_engine(engine or default_engine_path(idx), device=device,
                                                   allow_other_gpu=allow_other_gpu) as eng:
         results = search_images(idx, eng, images, top_k=top_k, radius=radius, search_device=search_device)
@@ -679,7 +675,7 @@ def bench_encode_cmd(
 
 @bench_app.command("serve")
 def bench_serve_cmd(
-    index: Annotated[str, typer.Option("--index", "-i", help="Index directory; its first images are the queries.")],
+    index: IndexOption,
     engine: Annotated[Path | None, typer.Option(
         "--engine", "--model", "-m", help="Engine or checkpoint (default: the one that built the index).")] = None,
     clients: Annotated[str, typer.Option("--clients", help="Concurrent clients, comma-separated.")] = "1,4,16",
@@ -692,7 +688,10 @@ def bench_serve_cmd(
     token: Annotated[str | None, typer.Option("--token", envvar="FGH_SERVE_TOKEN", help="Bearer token for --url.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Load fgh serve over loopback: throughput, p50/p95/p99 latency, errors, mean batch; batched vs unbatched."""
+    """Load fgh serve over loopback: throughput, p50/p95/p99 latency, errors, mean batch; batched vs unbatched.
+
+    Up to 32 of the index's own images (spread over its rows, or sampled from a Milvus collection) are the queries.
+    """
     from .bench import bench_serve
 
     report = bench_serve(index, engine, clients=parse_int_list(clients, "--clients"), seconds=seconds,

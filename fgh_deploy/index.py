@@ -86,7 +86,7 @@ from .bits import BIT_ORDER, packed_width
 from .config import parse_json_object
 from .errors import FghError
 from .search import HammingSearcher
-from .utils import atomic_write, display_path, fsync_dir, terminal_safe
+from .utils import atomic_write, check_int, display_path, fsync_dir, terminal_safe
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +474,11 @@ class CodeIndex:
         blob = self._view("paths")
         starts = np.where(rows > 0, ends[np.maximum(rows - 1, 0)], 0)
         return [os.fsdecode(blob[s:e].tobytes()) for s, e in zip(starts.tolist(), ends[rows].tolist())]
+
+    def sample_paths(self, count: int) -> list[str]:
+        """Relative paths of up to ``count`` rows spread evenly over the index (first and last included)."""
+        count = min(check_int(count, "count", minimum=0), len(self))
+        return self.paths(sorted({int(r) for r in np.linspace(0, len(self) - 1, count)})) if count else []
 
     def all_paths(self) -> list[str]:
         """Relative paths of every committed row."""

@@ -70,6 +70,7 @@ class SearchIndex(Protocol):
     def nbytes(self) -> int: ...
     def __len__(self) -> int: ...
     def paths(self, rows: Sequence[int] | np.ndarray) -> list[str]: ...
+    def sample_paths(self, count: int) -> list[str]: ...
     def search(self, queries: Any, k: int, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]: ...
     def range_search(self, queries: Any, radius: int, *,
                      device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
@@ -132,6 +133,16 @@ def _check_collection(collection: str, name: str) -> str:
         raise FghError(f"'{terminal_safe(name)}': collection name '{terminal_safe(collection)}' must be letters, "
                        "digits and underscores, not starting with a digit, at most 255 characters")
     return collection
+
+
+def absolute_index_name(name: str | os.PathLike[str]) -> str:
+    """``name`` as it reads from any working directory: a folder or Milvus Lite file made absolute."""
+    location = parse_index_name(name)
+    if isinstance(location, Path):
+        return str(location.resolve())
+    if location.is_lite:
+        return f"{Path(location.uri).resolve()}#{location.collection}"
+    return location.name
 
 
 def is_milvus(name: str | os.PathLike[str]) -> bool:

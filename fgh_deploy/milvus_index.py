@@ -50,6 +50,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,9 +169,47 @@ def _connect(location: MilvusLocation, *, dedicated: bool = False) -> Any:
     # Milvus Lite (a file or its server) has no MVCC timestamps; pymilvus warns about that on every
     # query iterator, and the iterator then uses the client's clock, which is what fgh needs.
     logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
-    with _milvus_errors(location, f"connecting to {location.uri}"):
-        return pymilvus.MilvusClient(location.uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""),
-                                     timeout=CONNECT_TIMEOUT_S, **({"dedicated": True} if dedicated else {}))
+    with _milvus_errors(location, f"connecting to {location.uri}"), \
+            (_lite_lock if location.is_lite else contextlib.nullcontext()):
+        client = pymilvus.MilvusClient(location.uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""),
+                                       timeout=CONNECT_TIMEOUT_S, **({"dedicated": True} if dedicated else {}))
+        if location.is_lite:
+            _lite_clients[_lite_file(location)] = _lite_clients.get(_lite_file(location), 0) + 1
+        return client
+
+
+# pymilvus starts a Milvus Lite server for a .db file on first use and keeps it until told to stop,
+# holding the file until then, so no other process can open it. Stopped when the last client of the file
+# closes, so `fgh bench serve` (which reads a collection, then starts `fgh serve` on it) works.
+_lite_lock = threading.Lock()
+_lite_clients: dict[str, int] = {}
+
+
+def _lite_file(location: MilvusLocation) -> str:
+    return str(Path(location.uri).resolve())
+
+
+def _disconnect(location: MilvusLocation, client: Any) -> None:
+    """Close ``client``; the last client of a Milvus Lite file stops that file's server."""
+    try:
+        client.close()
+    finally:
+        _release_lite(location)
+
+
+def _release_lite(location: MilvusLocation) -> None:
+    """One client of a Milvus Lite file fewer; the file's server stops with the last."""
+    if not location.is_lite:
+        return
+    with _lite_lock:
+        left = _lite_clients.get(_lite_file(location), 1) - 1
+        if left > 0:
+            _lite_clients[_lite_file(location)] = left
+            return
+        _lite_clients.pop(_lite_file(location), None)
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(_lite_file(location))
 
 
 class MilvusIndex:
@@ -212,7 +251,7 @@ class MilvusIndex:
             with _milvus_errors(location, "listing collections"):
                 return bool(client.has_collection(location.collection))
         finally:
-            client.close()
+            _disconnect(location, client)
 
     @classmethod
     def open(cls, location: MilvusLocation) -> MilvusIndex:
@@ -230,7 +269,7 @@ class MilvusIndex:
                 client.load_collection(location.collection)
             return cls(client, location, _read_meta(location, description))
         except BaseException:
-            client.close()
+            _disconnect(location, client)
             raise
 
     @classmethod
@@ -274,7 +313,7 @@ class MilvusIndex:
                         # Another worker created it first: check theirs like any existing collection.
             index = cls.open(location)
         finally:
-            client.close()
+            _disconnect(location, client)
         try:
             index.check_compatible(bits, fingerprint, hint=hint)
         except FghError:
@@ -344,6 +383,16 @@ class MilvusIndex:
         if missing is not None:
             raise FghError(f"{self.label}: no row with id {missing}")
         return [found[i] for i in ids]
+
+    def sample_paths(self, count: int) -> list[str]:
+        """Relative paths of up to ``count`` rows, in path order: whichever rows Milvus returns
+        first, which are a random sample of the paths (keys are hashes of the paths)."""
+        count = check_int(count, "count", minimum=0)
+        if not count:
+            return []
+        rows = self._read("reading rows", lambda client: client.query(
+            self._location.collection, filter="", output_fields=["path"], limit=min(count, MILVUS_MAX_LIMIT)))
+        return sorted((str(row["path"]) for row in rows), key=os.fsencode)
 
     def path_of_key(self, key: int) -> str | None:
         """The relative path of the row with primary key ``key`` (a search's ``I``), or None if there is none."""
@@ -588,7 +637,10 @@ class MilvusIndex:
     # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        self._client.close()
+        """Close the connection (a second call does nothing)."""
+        client, self._client = self._client, None
+        if client is not None:
+            _disconnect(self._location, client)
 
     def __enter__(self) -> MilvusIndex:
         return self
@@ -636,16 +688,17 @@ class MilvusIndex:
         with self._reconnect_lock:
             if self._client is not failed:
                 return
-            with contextlib.suppress(Exception):
-                failed.close()
+            # Connected before the old client closes: the last client of a Lite file stops its server.
             client = _connect(self._location, dedicated=True)
             try:
                 with self._errors("reopening the collection"):
                     client.load_collection(self._location.collection)
             except BaseException:
-                client.close()
+                _disconnect(self._location, client)
                 raise
             self._client = client
+            with contextlib.suppress(Exception):
+                _disconnect(self._location, failed)
 
     def _count(self, filter_: str) -> int:
         rows = self._read("counting rows", lambda client: client.query(

@@ -22,7 +22,7 @@ from .bits import pack_codes
 from .config import PreprocessConfig
 from .errors import FghError
 from .images import load_image
-from .index import TIE_RULE, CodeIndex  # noqa: F401 (TIE_RULE: report.py and serve_page.py read it here)
+from .index import CodeIndex
 from .index_uri import MilvusLocation, SearchIndex, parse_index_name
 from .utils import check_int, display_path
 

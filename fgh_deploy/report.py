@@ -10,6 +10,7 @@
   precision@k for each query and their mean;
 * a per-bit view, after A²-Net (Fig. 4): for the most balanced bits, the database images
   most typical of the bit being set and of it being unset, so one can see what a bit encodes.
+  It reads every code, so it is drawn for a local index only (a note says so for Milvus).
 
 Labels default to folder names (:func:`label_from_path` for database images, the parent
 folder for a query), the layout of ImageFolder datasets and of the demo dataset.
@@ -32,7 +33,8 @@ from .bits import unpack_codes
 from .errors import ConfigError, FghError
 from .images import ImageDecodeError, decode_image
 from .index import CodeIndex
-from .query import TIE_RULE, Hit, QueryResult
+from .index_uri import SearchIndex
+from .query import Hit, QueryResult
 from .utils import atomic_write, display_path
 from .version import __version__
 
@@ -236,8 +238,11 @@ def _typical_rows(bits: np.ndarray, members: np.ndarray, count: int) -> np.ndarr
     return members[np.argsort(scores, kind="stable")[:count]]
 
 
-def _bits_html(index: CodeIndex, labels: _Labels, thumbs: _Thumbnails, bits_shown: int, examples: int) -> str:
+def _bits_html(index: SearchIndex, labels: _Labels, thumbs: _Thumbnails, bits_shown: int, examples: int) -> str:
     """The per-bit view: for the most balanced bits, the images most typical of the bit set and unset."""
+    if not isinstance(index, CodeIndex):
+        return ('<section class="bits"><h2>What the bits capture</h2><p class="note">This view reads every '
+                f"code; for {_text(index.label)} run it on a local copy (fgh index pull).</p></section>")
     total = len(index)
     if total == 0 or bits_shown == 0 or examples == 0:
         return ""
@@ -279,7 +284,7 @@ def write_html_report(
     path: StrPath,
     results: Sequence[QueryResult],
     *,
-    index: CodeIndex,
+    index: SearchIndex,
     query_root: StrPath | None = None,
     labels: Mapping[str, str] | None = None,
     title: str = "fgh retrieval report",
@@ -335,12 +340,12 @@ def write_html_report(
     else:
         summary = "no class labels (correctness not shown)"
     facts = [
-        ("index", _text(index.path)),
+        ("index", _text(index.label)),
         ("images from", _text(root)),
         ("database", f"{len(index)} images · {index.bits}-bit codes"),
         ("model", _text(model_name) if model_name else "unknown"),
         ("queries", f"{len(results)} · top {k_text} hits each"),
-        ("ranking", f"Hamming {_text(TIE_RULE)} (shaded bands group hits at equal distance)"),
+        ("ranking", f"Hamming {_text(index.tie_rule)} (shaded bands group hits at equal distance)"),
         ("precision", summary),
     ]
     header = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts)

@@ -348,7 +348,8 @@ def build_app(index: str | os.PathLike[str], engine: Path | None, *, device: str
 
     @app.get("/")
     async def page() -> HTMLResponse:
-        return HTMLResponse(page_html(max_k=options.max_k, token_required=options.token is not None))
+        return HTMLResponse(page_html(max_k=options.max_k, token_required=options.token is not None,
+                                      tie_rule=service.index.current.tie_rule))
 
     @app.exception_handler(FghError)
     async def fgh_error(request: Request, exc: FghError) -> JSONResponse:

@@ -9,7 +9,8 @@ Thumbnails are fetched with the bearer token when one is set, then shown from bl
 
 from __future__ import annotations
 
-from .query import TIE_RULE
+import html
+
 from .report import report_css
 from .version import __version__
 
@@ -113,12 +114,13 @@ drop.addEventListener('drop', (event) => {
 """
 
 
-def page_html(*, max_k: int, token_required: bool) -> str:
+def page_html(*, max_k: int, token_required: bool, tie_rule: str) -> str:
     """The search page (see the module docstring).
 
     Args:
         max_k: the largest k the server accepts (the k field's maximum).
         token_required: show a field for the bearer token.
+        tie_rule: the served index's order of hits at equal distance.
     """
     token = ('<label>token <input id="token" type="password" autocomplete="off" '
              'placeholder="bearer token"></label>') if token_required else ""
@@ -131,7 +133,7 @@ def page_html(*, max_k: int, token_required: bool) -> str:
         f"<style>{report_css(THUMB_SIZE)}{_PAGE_CSS}</style></head><body>",
         "<header><h1>fgh search</h1>",
         f'<p class="note">Drop an image here or pick one: its nearest images by exact Hamming distance '
-        f"({TIE_RULE}).</p><dl id=\"facts\"></dl></header>",
+        f"({html.escape(tie_rule)}).</p><dl id=\"facts\"></dl></header>",
         '<form id="drop" onsubmit="return false">',
         '<label>image <input id="file" type="file" accept="image/*"></label>',
         f'<label>k <input id="k" type="number" min="1" max="{max_k}" value="10"></label>',

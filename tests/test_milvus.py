@@ -8,6 +8,7 @@ opened in this process. Tests that need it skip, saying why, where it cannot be 
 from __future__ import annotations
 
 import json
+from html import escape as html_escape
 import os
 import shutil
 import signal
@@ -397,7 +398,36 @@ def test_fgh_serve_searches_a_milvus_index_like_fgh_query(
         hit = got["queries"][0]["results"][2]
         assert request("GET", f"/images/{hit['row']}") == (200, (folder / hit["path"]).read_bytes())
         assert request("GET", "/images/12345")[0] == 404 and request("GET", "/images/-1")[0] == 404
+        assert "(distance, then path)" in request("GET", "/")[1].decode()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_fgh_bench_serve_loads_a_server_over_a_milvus_lite_file(local_index: Path, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi", reason="fgh serve needs the serve extra: pip install '.[serve]'")
+    push_index(local_index, parse_index_name(f"{tmp_path / 'bench.db'}#birds"))
+    with open_index(f"{tmp_path / 'bench.db'}#birds") as index, CodeIndex.open(local_index) as local:
+        assert index.sample_paths(100) == local.all_paths() == local.sample_paths(100)
+        assert local.sample_paths(3) == local.paths([0, 11, 23]) and len(index.sample_paths(5)) == 5
+    # A relative Lite name, from the folder that holds it: the server starts elsewhere.
+    result = subprocess.run([sys.executable, "-c", "from fgh_deploy.cli import main; main()", "bench", "serve",
+                             "--index", "bench.db#birds", "--clients", "2", "--seconds", "1", "--json"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["queries"] == 24 and report["index"] == "bench.db#birds"
+    assert all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
+
+
+def test_fgh_query_html_report_over_milvus(folder: Path, local_index: Path, lite_server: str, tmp_path: Path) -> None:
+    name = f"{lite_server}/report"
+    push_index(local_index, parse_index_name(name))
+    query = sorted(folder.glob("*/*.jpg"))[5]
+    result = _cli("query", str(query), "--top-k", "4", "--index", name, "--html", str(tmp_path / "r.html"), "--json")
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "r.html").read_text()
+    hits = json.loads(result.stdout)["queries"][0]["results"]
+    assert all(html_escape(hit["path"]) in page for hit in hits) and page.count("<figure") >= 5
+    assert "distance, then path" in page and "fgh index pull" in page and name in page
