@@ -330,17 +330,32 @@ def train(
 
 @app.command(name="eval")
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from fgh train.")],
+    checkpoint: Annotated[Path | None, typer.Argument(
+        help="Checkpoint from fgh train; with --index, the engine or checkpoint to query with (default: the "
+             "index's).", show_default=False)] = None,
+    index: Annotated[str | None, typer.Option(
+        "--index", "-i", help="Evaluate this index instead (a folder, milvus://HOST[:PORT]/COLLECTION, "
+                              "milvus+https://… or FILE.db#COLLECTION): its own images as queries, each left out.",
+        show_default=False)] = None,
+    queries: Annotated[int, typer.Option("--queries", min=2, help="With --index: how many of its images query.")] = 1000,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Dataset root (default: the training data).")] = None,
-    top_k: Annotated[list[int] | None, typer.Option("--top-k", help="Cut-offs for mAP@k and precision@k.")] = None,
+    top_k: Annotated[list[int] | None, typer.Option(
+        "--top-k", help="Cut-offs for mAP@k and precision@k (default 100 and 1000; 10 and 100 with --index).")] = None,
     radius: Annotated[int, typer.Option("--radius", min=0)] = 2,
     workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
     device: DeviceOption = "auto",
+    allow_other_gpu: AllowOtherGpuOption = False,
     baselines: Annotated[bool, typer.Option(
         "--baselines", help="Also LSH and ITQ codes and float cosine on the backbone's pretrained features.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """mAP and precision of a checkpoint: the papers' asymmetric protocol and the deployed one."""
+    """mAP and precision of a checkpoint (the papers' asymmetric protocol and the deployed one), or of an index."""
+    if index is not None:
+        _eval_index(index, checkpoint, queries=queries, top_k=top_k, device=device, allow_other_gpu=allow_other_gpu,
+                    as_json=as_json, dataset_options=data is not None or baselines)
+        return
+    if checkpoint is None:
+        raise FghError("fgh eval needs a checkpoint (fgh eval RUN/best.pt) or an index (fgh eval --index NAME)")
     from fgh_deploy.train.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint, data, topks=tuple(top_k or (100, 1000)), radius=radius,
@@ -376,6 +391,33 @@ def eval_(
     if selection:
         stdout.print(f"  checkpoint chosen on the {selection.get('split')} split "
                      f"(iteration {int(selection.get('best_iteration', -1)) + 1})", soft_wrap=True)
+
+
+def _eval_index(index: str, engine: Path | None, *, queries: int, top_k: list[int] | None, device: str,
+                allow_other_gpu: bool, as_json: bool, dataset_options: bool) -> None:
+    from fgh_deploy.train.evaluate import evaluate_index
+
+    if dataset_options:
+        raise FghError("--data and --baselines evaluate a checkpoint on a dataset; an --index brings its own images")
+    report = evaluate_index(index, engine, queries=queries, topks=tuple(top_k or (10, 100)), device=device,
+                            allow_other_gpu=allow_other_gpu)
+    if as_json:
+        _print_json(report)
+        return
+    stdout.print(f"fgh eval --index {display_path(index)}: {report['queries']} of its images as queries "
+                 f"({report['classes']} classes) against the other {report['database']}", soft_wrap=True)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in report:
+        if key.startswith(("map@", "precision@")):
+            table.add_row(key.replace("map", "mAP").replace("precision", "P"), _fmt(report[key]))
+    table.add_row("chance P", _fmt(report["chance_precision"]))
+    table.add_row("own code found at d=0", _fmt(report["self_at_distance_0"]))
+    stdout.print(table)
+    stdout.print(f"  engine: {display_path(report['engine'].get('path', '?'))}; ties: {report['tie_rule']}"
+                 + (f"; APPROXIMATE: {report['approximate']}" if report["approximate"] else ""), soft_wrap=True)
+    stdout.print(f"  {report['description']}", soft_wrap=True)
 
 
 @app.command(name="export")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -56,6 +56,19 @@ def _hits(index: SearchIndex, distances: np.ndarray, rows: np.ndarray) -> list[H
     groups = np.concatenate([[0], np.cumsum(np.diff(distances) != 0)]) if len(distances) else []
     return [Hit(rank + 1, int(d), int(r), p, int(g))
             for rank, (d, r, p, g) in enumerate(zip(distances, rows, paths, groups))]
+
+
+def label_from_path(rel_path: str) -> str | None:
+    """The class of a database image from its path in the index: its first folder.
+
+    Args:
+        rel_path: the path relative to the index root (``/`` or the OS separator).
+
+    Returns:
+        The first path component, or ``None`` for an image directly in the root.
+    """
+    parts = [p for p in PurePosixPath(rel_path.replace(os.sep, "/")).parts if p not in (".", "/")]
+    return parts[0] if len(parts) > 1 else None
 
 
 def search_codes(index: SearchIndex, codes: np.ndarray, *, top_k: int = 10,

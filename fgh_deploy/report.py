@@ -23,7 +23,7 @@ import html
 import io
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -34,11 +34,11 @@ from .errors import ConfigError, FghError
 from .images import ImageDecodeError, decode_image
 from .index import CodeIndex
 from .index_uri import SearchIndex
-from .query import Hit, QueryResult
+from .query import Hit, QueryResult, label_from_path
 from .utils import atomic_write, display_path
 from .version import __version__
 
-__all__ = ["label_from_path", "query_label", "report_css", "thumbnail_jpeg", "write_html_report"]
+__all__ = ["query_label", "report_css", "thumbnail_jpeg", "write_html_report"]
 
 StrPath = Union[str, os.PathLike[str]]
 
@@ -87,19 +87,6 @@ figcaption .path { display: block; color: #525c69; font-size: 10px; overflow-wra
 .examples figure { margin-right: 6px; }
 footer { margin-top: 28px; color: #6b7480; font-size: 12px; }
 """
-
-
-def label_from_path(rel_path: str) -> str | None:
-    """The class of a database image from its path in the index: its first folder.
-
-    Args:
-        rel_path: the path relative to the index root (``/`` or the OS separator).
-
-    Returns:
-        The first path component, or ``None`` for an image directly in the root.
-    """
-    parts = [p for p in PurePosixPath(rel_path.replace(os.sep, "/")).parts if p not in (".", "/")]
-    return parts[0] if len(parts) > 1 else None
 
 
 def query_label(query_path: str) -> str | None:

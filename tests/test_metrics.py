@@ -421,3 +421,23 @@ def test_bad_inputs(tiny: tuple[np.ndarray, ...]) -> None:
         precision_within_radius(q, ql, db, dbl, radius=-1)
     with pytest.raises(ConfigError, match="no query"):
         mean_average_precision(q[:0], ql[:0], db, dbl)
+
+
+def test_ranked_list_metrics_equal_the_code_metrics_on_the_same_ranking() -> None:
+    rng = np.random.default_rng(3)
+    q_codes, db_codes = rng.integers(0, 256, (40, 2), dtype=np.uint8), rng.integers(0, 256, (300, 2), dtype=np.uint8)
+    q_labels, db_labels = rng.integers(0, 5, 40), rng.integers(0, 5, 300)
+    distances = np.unpackbits(q_codes[:, None, :] ^ db_codes[None, :, :], axis=2).sum(axis=2)
+    order = np.argsort(distances, axis=1, kind="stable")  # ties: database order, as ties="index"
+    relevant = (db_labels[order] == q_labels[:, None])[:, :120]
+    got = metrics.ranked_list_metrics(relevant, (1, 7, 120), database_size=300)
+    for k in (1, 7, 120):
+        assert got[f"map@{k}"] == pytest.approx(
+            mean_average_precision(q_codes, q_labels, db_codes, db_labels, topk=k), abs=1e-12)
+        assert got[f"precision@{k}"] == pytest.approx(
+            precision_at_k(q_codes, q_labels, db_codes, db_labels, k=k), abs=1e-12)
+    # Fewer items than k: k counts as the database size, missing ranks are not relevant.
+    short = metrics.ranked_list_metrics(relevant[:, :5], (10,), database_size=5)
+    assert short["precision@10"] == pytest.approx(relevant[:, :5].mean())
+    with pytest.raises(ConfigError):
+        metrics.ranked_list_metrics(relevant, (0,), database_size=300)

@@ -431,3 +431,37 @@ def test_fgh_query_html_report_over_milvus(folder: Path, local_index: Path, lite
     hits = json.loads(result.stdout)["queries"][0]["results"]
     assert all(html_escape(hit["path"]) in page for hit in hits) and page.count("<figure") >= 5
     assert "distance, then path" in page and "fgh index pull" in page and name in page
+
+
+def test_fgh_eval_index_gives_the_same_numbers_for_milvus_and_the_local_index(
+        folder: Path, local_index: Path, lite_server: str) -> None:
+    from fgh_deploy.train.evaluate import evaluate_index
+    from fgh_deploy.train.metrics import mean_average_precision, precision_at_k
+
+    name = f"{lite_server}/evaluated"
+    push_index(local_index, parse_index_name(name))
+    local = evaluate_index(local_index, queries=24, topks=(5, 100), device="cpu")
+    result = _cli("eval", "--index", name, "--queries", "24", "--top-k", "5", "--top-k", "100", "--device", "cpu",
+                  "--json")
+    assert result.returncode == 0, result.stderr
+    remote = json.loads(result.stdout)
+    assert local["tie_rule"] != remote["tie_rule"]  # database order vs path: the same order here
+    for key in ("map@5", "precision@5", "map@100", "precision@100", "chance_precision", "self_at_distance_0",
+                "queries", "classes", "database"):
+        assert local[key] == pytest.approx(remote[key], abs=1e-12), key
+    assert local["queries"] == 24 and local["classes"] == 3 and local["self_at_distance_0"] == 1.0
+    assert local["chance_precision"] == pytest.approx(7 / 23)
+    # Leave-one-out by brute force on the stored codes (the engine reproduces them: own code at d = 0).
+    with CodeIndex.open(local_index) as index:
+        codes = np.asarray(index.codes)
+        labels = np.unique([p.split("/")[0] for p in index.all_paths()], return_inverse=True)[1]
+    for k, cutoff in ((5, 5), (100, 23)):
+        others = [np.arange(24) != i for i in range(24)]
+        want_map = np.mean([mean_average_precision(codes[i:i + 1], labels[i:i + 1], codes[o], labels[o], topk=k)
+                            for i, o in enumerate(others)])
+        want_p = np.mean([precision_at_k(codes[i:i + 1], labels[i:i + 1], codes[o], labels[o], k=k)
+                          for i, o in enumerate(others)])
+        assert local[f"map@{k}"] == pytest.approx(want_map, abs=1e-12) and cutoff <= k
+        assert local[f"precision@{k}"] == pytest.approx(want_p, abs=1e-12)
+    flat = _cli("eval", "--index", str(local_index), "--data", str(folder))
+    assert flat.returncode == 1 and flat.stderr.count("\n") == 1 and "brings its own images" in flat.stderr

@@ -22,8 +22,8 @@ from fgh_deploy.config import PreprocessConfig
 from fgh_deploy.demo_data import generate_demo_dataset
 from fgh_deploy.errors import ConfigError
 from fgh_deploy.index import TIE_RULE, CodeIndex
-from fgh_deploy.query import QueryResult, search_codes
-from fgh_deploy.report import label_from_path, query_label, write_html_report
+from fgh_deploy.query import QueryResult, label_from_path, search_codes
+from fgh_deploy.report import query_label, write_html_report
 from fgh_deploy.train.data import load_dataset
 
 BITS = 12

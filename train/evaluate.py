@@ -1,4 +1,4 @@
-"""``fgh eval``: retrieval quality of a checkpoint under the papers' and the deployed protocol.
+"""``fgh eval``: retrieval quality of a checkpoint under the papers' and the deployed protocol, or of an index.
 
 * **asymmetric** (the papers' protocol): query images encoded by the network, database codes =
   the codes learned during training (B). Database images held out for validation have no
@@ -10,6 +10,9 @@ tie-aware expectation with its best/worst range, mAP@k, precision@k, precision w
 radius 2, and the chance level. With ``baselines``, the same metrics for LSH and ITQ codes and
 for float cosine search on the backbone's pretrained features (:mod:`train.baselines`): what
 training bought.
+
+:func:`evaluate_index` measures what is deployed instead: an index (local or Milvus) searched
+exactly as ``fgh query`` searches it, with an engine (see its docstring).
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+import numpy as np
+
 from fgh_deploy.checkpoint import load_checkpoint
 from fgh_deploy.errors import FghError
 from fgh_deploy.images import worker_loader_kwargs
 from fgh_deploy.models import HashModel, model_from_checkpoint
-from fgh_deploy.utils import display_path, resolve_device
+from fgh_deploy.utils import check_int, display_path, resolve_device
 
 from .baselines import evaluate_baselines, pretrained_features
 from .data import HashingDataset, LabeledImageDataset, Sample, load_dataset
 from .dcc import sign_plus
-from .metrics import evaluate_retrieval
+from .metrics import evaluate_retrieval, ranked_list_metrics
 
 TIE_RULE = "distance, then database order (stable)"
 
@@ -131,6 +136,82 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike |
                            f"{ckpt.config.backbone} pooled features (fitted on the database split)",
             **evaluate_baselines(features(dataset.query), query_labels, features(dataset.database), db_labels,
                                  ckpt.config.bits, topks=tuple(topks), radius=radius),
+        }
+    return report
+
+
+def evaluate_index(index: str | os.PathLike, engine: str | os.PathLike | None = None, *, queries: int = 1000,
+                   topks: Sequence[int] = (10, 100), device: str = "auto",
+                   allow_other_gpu: bool = False) -> dict[str, Any]:
+    """Retrieval quality of a deployed index as ``fgh query`` answers it: its own images, left out one at a time.
+
+    Up to ``queries`` images of the index (:meth:`~fgh_deploy.index_uri.SearchIndex.sample_paths`)
+    are read from its image folder, encoded by ``engine`` and searched in the index for
+    ``max(topks) + 1`` hits; each query's own row is removed from its hits (the last hit is
+    dropped instead when the query does not find itself). A hit is relevant when its first
+    folder, its class in an ImageFolder tree, is the query's. The ranking is the index's own,
+    ties included, so an approximate Milvus index (``bin_ivf_flat``) is measured as it searches.
+
+    Args:
+        index: the index, any name (a folder, ``milvus://…``, ``FILE.db#COLLECTION``).
+        engine: engine or checkpoint (default: the one that built the index); another engine
+            of the same model (say a TensorRT FP16 build of the checkpoint that encoded the
+            index) is measured against the stored codes.
+        queries: images to query with, at least 2.
+        topks: cut-offs of mAP@k and precision@k.
+        device: where the engine runs.
+        allow_other_gpu: run a TensorRT engine built on another GPU model.
+
+    Returns:
+        A JSON-serialisable dict (``schema_version`` 1): the index, engine, tie rule, counts,
+        ``self_at_distance_0`` (the share of queries whose stored code the engine reproduced
+        exactly: 1.0 when the engine is the one that encoded the index), ``chance_precision``
+        (a random ranking's precision, estimated from the queries' classes; exact when every
+        image is a query) and ``map@k`` / ``precision@k``.
+
+    Raises:
+        FghError: fewer than 2 classes among the queries, an image that cannot be read, an
+            engine that does not match the index, or any error opening them.
+    """
+    from fgh_deploy.engines import load_engine
+    from fgh_deploy.query import default_engine_path, label_from_path, open_index, search_images
+
+    check_int(queries, "queries", minimum=2)
+    if not topks or min(topks) < 1:
+        raise FghError(f"top-k cut-offs must be at least 1, got {list(topks)}")
+    with open_index(index, verify=False) as idx:
+        paths = [p for p in idx.sample_paths(queries) if label_from_path(p) is not None]
+        labels = [label_from_path(p) for p in paths]
+        if len(set(labels)) < 2:
+            raise FghError(f"{idx.label}: evaluating an index needs its images in class folders (at least 2 "
+                           f"classes among the queries, found {len(set(labels))})")
+        with load_engine(engine or default_engine_path(idx), device=device, allow_other_gpu=allow_other_gpu) as eng:
+            results = search_images(idx, eng, [Path(idx.root) / p for p in paths], top_k=max(topks) + 1)
+            described = eng.describe()
+        database = len(idx) - 1
+        relevant = np.zeros((len(paths), max(topks)), dtype=bool)
+        at_zero = 0
+        for i, (path, label, result) in enumerate(zip(paths, labels, results)):
+            own = next((j for j, hit in enumerate(result.hits) if hit.path == path), None)
+            at_zero += own is not None and result.hits[own].distance == 0
+            hits = [hit for j, hit in enumerate(result.hits) if j != own][:max(topks)]
+            relevant[i, :len(hits)] = [label_from_path(hit.path) == label for hit in hits]
+        counts = {label: labels.count(label) for label in set(labels)}
+        report = {
+            "schema_version": 1,
+            "protocol": "index",
+            "description": "the index's own images as queries, each left out of its hits, searched as fgh query "
+                           "searches (classes: first folder)",
+            "index": str(index),
+            "approximate": idx.approximate,
+            "engine": described,
+            "tie_rule": idx.tie_rule,
+            "database": database,
+            "queries": len(paths),
+            "classes": len(counts),
+            "self_at_distance_0": at_zero / len(paths),
+            "chance_precision": sum(counts[label] - 1 for label in labels) / (len(paths) * (len(paths) - 1)),
+            **ranked_list_metrics(relevant, topks, max(database, 1)),
         }
     return report
 

@@ -278,6 +278,36 @@ def precision_within_radius(
     return RadiusPrecision(float(precision / ctx.num_queries), empty / ctx.num_queries)
 
 
+def ranked_list_metrics(relevant: Any, cutoffs: Sequence[int], database_size: int) -> dict[str, float]:
+    """mAP@k and precision@k of rankings a search has already made (e.g. ``fgh query``'s hits).
+
+    The same definitions as :func:`mean_average_precision` and :func:`precision_at_k` with the
+    ranking as given: its tie order is whatever the search returned.
+
+    Args:
+        relevant: ``(nq, K)`` booleans, query ``i``'s hits in rank order (``K >= max(cutoffs)``
+            unless the database is smaller; missing hits are False).
+        cutoffs: the ``k`` of each metric, at least 1.
+        database_size: items each query could retrieve (``k > database_size`` counts as ``database_size``).
+
+    Returns:
+        ``{"map@k": …, "precision@k": …}`` for every ``k`` in ``cutoffs``.
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    if relevant.ndim != 2 or not len(relevant):
+        raise ConfigError(f"relevant must be a non-empty (queries, ranks) array, got shape {relevant.shape}")
+    if not cutoffs or min(cutoffs) < 1 or database_size < 1:
+        raise ConfigError(f"cutoffs and database_size must be at least 1, got {list(cutoffs)} and {database_size}")
+    # Ranks as distances: a stable sort leaves the given order as it is.
+    ranked = _Ranked(np.broadcast_to(np.arange(relevant.shape[1]), relevant.shape), relevant)
+    metrics = {}
+    for k in cutoffs:
+        cutoff = min(k, database_size)
+        metrics[f"map@{k}"] = float(ranked.average_precision(cutoff).mean())
+        metrics[f"precision@{k}"] = float(ranked.hits(cutoff).sum() / (cutoff * len(relevant)))
+    return metrics
+
+
 def evaluate_retrieval(
     q_codes: Any,
     q_labels: Any,
