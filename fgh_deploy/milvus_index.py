@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -169,6 +170,8 @@ def _connect(location: MilvusLocation, *, dedicated: bool = False) -> Any:
     # Milvus Lite (a file or its server) has no MVCC timestamps; pymilvus warns about that on every
     # query iterator, and the iterator then uses the client's clock, which is what fgh needs.
     logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
+    # pymilvus logs every failed call with its traceback; fgh reports each failure in one line itself.
+    logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
     with _milvus_errors(location, f"connecting to {location.uri}"), \
             (_lite_lock if location.is_lite else contextlib.nullcontext()):
         client = pymilvus.MilvusClient(location.uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""),
@@ -305,12 +308,14 @@ class MilvusIndex:
                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                             "milvus_index": asdict(options)}
                     try:
-                        _create_collection(client, location.collection, meta, options)
+                        _create_collection(client, location, meta, options)
                         log.info("%s: created (%s, %d bits)", location.name, options.index_type, bits)
                     except _pymilvus().MilvusException:
-                        if not client.has_collection(location.collection):
+                        # Another worker created it first (check theirs like any existing
+                        # collection), unless what failed was the index of this one.
+                        if not client.has_collection(location.collection) or \
+                                not _index_appears(client, location.collection):
                             raise
-                        # Another worker created it first: check theirs like any existing collection.
             index = cls.open(location)
         finally:
             _disconnect(location, client)
@@ -675,7 +680,7 @@ class MilvusIndex:
             return call(client)
         except (pymilvus.MilvusException, grpc.RpcError) as exc:
             message = " ".join(str(getattr(exc, "message", "") or exc).split())
-            log.warning("%s: %s failed (%s); reconnecting and retrying once", self.label, doing, terminal_safe(message))
+            log.debug("%s: %s failed (%s); reconnecting and retrying once", self.label, doing, terminal_safe(message))
             self._reconnect(client)
         with self._errors(doing):
             try:
@@ -751,8 +756,14 @@ def _vector_bytes(value: Any) -> bytes:
     return bytes(value[0] if isinstance(value, list) else value)
 
 
-def _create_collection(client: Any, collection: str, meta: dict[str, Any], options: MilvusIndexOptions) -> None:
+def _create_collection(client: Any, location: MilvusLocation, meta: dict[str, Any],
+                       options: MilvusIndexOptions) -> None:
     from pymilvus import DataType, MilvusClient
+
+    if location.is_lite and options.index_type != "bin_flat":
+        # Lite would create the collection, then fail on the index, leaving one no search can use.
+        raise FghError(f"{location.name}: Milvus Lite has bin_flat only, not {options.index_type}")
+    collection = location.collection
 
     schema = MilvusClient.create_schema(auto_id=False, description=json.dumps(meta, sort_keys=True))
     schema.add_field("id", DataType.INT64, is_primary=True)
@@ -765,6 +776,16 @@ def _create_collection(client: Any, collection: str, meta: dict[str, Any], optio
     index_params.add_index("code", index_type=options.index_type.upper(), metric_type="HAMMING", params=extra)
     client.create_collection(collection, schema=schema, index_params=index_params, consistency_level="Strong",
                              num_shards=options.shards)
+
+
+def _index_appears(client: Any, collection: str, seconds: float = CONNECT_TIMEOUT_S) -> bool:
+    """Whether the vector index of ``collection`` exists within ``seconds`` (another worker may be creating it)."""
+    deadline = time.monotonic() + seconds
+    while not client.list_indexes(collection, field_name="code"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _read_meta(location: MilvusLocation, description: str) -> dict[str, Any]:

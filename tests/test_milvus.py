@@ -328,6 +328,27 @@ def test_wrong_length_code_model_mismatch_and_unreachable_server_are_one_line_er
     assert "\n" not in str(info.value)
     result = _cli("encode", str(folder), "-m", str(model_path), "--out", str(tmp_path / "local"), "--shard", "1/2")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "needs a Milvus index" in result.stderr
+    # Milvus Lite would create the collection and then fail on the index: refused before either.
+    lite = f"{tmp_path / 'ivf.db'}#ivf"
+    result = _cli("encode", str(folder), "-m", str(model_path), "--out", lite, "--milvus-index", "bin_ivf_flat",
+                  "--device", "cpu", "--workers", "0")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "bin_flat only" in result.stderr
+    assert not MilvusIndex.exists(parse_index_name(lite))
+    # A failing Milvus call is one line too (pymilvus logs each failure with its traceback).
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(parse_index_name(f"{lite_server}/x").uri)
+    # fgh's metadata, so the collection opens; the model's own, so the query goes as far as searching.
+    description = client.describe_collection("sharded_mismatch")["description"]
+    schema = MilvusClient.create_schema(auto_id=False, description=description)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("code", DataType.BINARY_VECTOR, dim=24)
+    client.create_collection("no_index", schema=schema)  # no vector index: Milvus cannot search it
+    client.close()
+    result = _cli("query", str(next(folder.glob("*/*.jpg"))), "-m", str(model_path), "--index",
+                  f"{lite_server}/no_index")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "no_index: searching failed: " in result.stderr
 
 
 def test_reads_reconnect_once_after_the_connection_is_lost(local_index: Path, lite_server: str) -> None:
