@@ -22,7 +22,6 @@ weights that cannot be found or loaded are a :class:`~fgh_deploy.errors.FghError
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import re
 from collections import OrderedDict

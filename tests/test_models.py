@@ -185,7 +185,7 @@ def test_options_are_recorded_in_full() -> None:
 # --- initialisation: new layers start where the pretrained path keeps working ----------------
 
 from fgh_deploy.models.agmh import SIEA  # noqa: E402
-from fgh_deploy.models.layers import AttentionHead, ChannelInteraction, global_pool  # noqa: E402
+from fgh_deploy.models.layers import AttentionHead, ChannelInteraction  # noqa: E402
 
 BACKBONES = fgh.list_backbones()
 
