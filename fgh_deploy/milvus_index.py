@@ -177,7 +177,8 @@ def _connect(location: MilvusLocation, *, dedicated: bool = False) -> Any:
         client = pymilvus.MilvusClient(location.uri, token=os.environ.get(MILVUS_TOKEN_ENV, ""),
                                        timeout=CONNECT_TIMEOUT_S, **({"dedicated": True} if dedicated else {}))
         if location.is_lite:
-            _lite_clients[_lite_file(location)] = _lite_clients.get(_lite_file(location), 0) + 1
+            file = _lite_file(location)
+            _lite_clients[file] = _lite_clients.get(file, 0) + 1
         return client
 
 
@@ -197,22 +198,15 @@ def _disconnect(location: MilvusLocation, client: Any) -> None:
     try:
         client.close()
     finally:
-        _release_lite(location)
+        if location.is_lite:
+            file = _lite_file(location)
+            with _lite_lock:
+                _lite_clients[file] = _lite_clients.get(file, 1) - 1
+                if _lite_clients[file] <= 0:
+                    del _lite_clients[file]
+                    from milvus_lite.server_manager import server_manager_instance
 
-
-def _release_lite(location: MilvusLocation) -> None:
-    """One client of a Milvus Lite file fewer; the file's server stops with the last."""
-    if not location.is_lite:
-        return
-    with _lite_lock:
-        left = _lite_clients.get(_lite_file(location), 1) - 1
-        if left > 0:
-            _lite_clients[_lite_file(location)] = left
-            return
-        _lite_clients.pop(_lite_file(location), None)
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(_lite_file(location))
+                    server_manager_instance.release_server(file)
 
 
 class MilvusIndex:
